@@ -1,0 +1,145 @@
+"""Command line: argument parsing only; each subcommand calls one function."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .engine.trainer import train
+
+    overrides = list(args.overrides)
+    for flag, key in (("train_json", "data.train_json"), ("train_images", "data.train_images"), ("val_json", "data.val_json"),
+                      ("val_images", "data.val_images"), ("method", "method"), ("out", "out"),
+                      ("max_iters", "solver.max_iters"), ("device", "device")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if metrics:
+        from .evaluation.coco_eval import format_table
+
+        print(format_table(metrics))
+    print(f"run folder: {cfg.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .data.coco import CocoDataset
+    from .engine.checkpoint import atomic_write_text
+    from .engine.trainer import evaluate_model, model_from_checkpoint, resolve_device
+    from .evaluation.coco_eval import format_table
+
+    device = resolve_device(args.device)
+    model, state = model_from_checkpoint(args.checkpoint, device)
+    dataset = CocoDataset(args.json, args.images, skip_invalid=args.skip_invalid)
+    if dataset.cat_ids != state["cat_ids"]:
+        raise ConfigError(f"{args.json} has categories {dataset.cat_ids}; the checkpoint was trained on {state['cat_ids']}")
+    metrics = evaluate_model(model, dataset, model.cfg, device, progress=not args.no_progress)
+    print(format_table(metrics))
+    if "mask_iou" in metrics:
+        mi = metrics["mask_iou"]
+        print(f"mask IoU of matched predictions: {mi['mIoU_matched']:.3f} (recall {mi['recall']:.3f}, mIoU over all GT {mi['mIoU']:.3f})")
+    print(f"box fill (mask area / box area): {metrics['box_fill']:.3f}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps(metrics, indent=2))
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _predict(args) -> int:
+    from .engine.trainer import model_from_checkpoint, resolve_device
+    from .predict import predict_images
+
+    device = resolve_device(args.device)
+    model, state = model_from_checkpoint(args.checkpoint, device)
+    path = predict_images(model, state, args.inputs, args.out, device, args.score_thresh, progress=not args.no_progress)
+    print(f"overlays and {path.name} written to {args.out}")
+    return 0
+
+
+def _synth(args) -> int:
+    from .data.synth import generate
+
+    try:
+        paths = generate(args.out, args.num_train, args.num_val, args.size, args.seed, show_progress=not args.no_progress)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="boxmask", description="Instance segmentation from bounding boxes only.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic dataset (boxes-only train json, masks for evaluation)")
+    s.add_argument("out")
+    s.add_argument("--num-train", type=int, default=200)
+    s.add_argument("--num-val", type=int, default=50)
+    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_synth)
+
+    t = sub.add_parser("train", help="train a model; key=value arguments override the config")
+    t.add_argument("-c", "--config", default=None, help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="config overrides such as solver.lr=0.005")
+    t.add_argument("--train-json")
+    t.add_argument("--train-images")
+    t.add_argument("--val-json")
+    t.add_argument("--val-images")
+    t.add_argument("--method", choices=["boxinst", "full"])
+    t.add_argument("--out")
+    t.add_argument("--max-iters", type=int)
+    t.add_argument("--device")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="box and mask AP of a checkpoint on a COCO json with masks")
+    e.add_argument("checkpoint", help="a .pth file or a run folder")
+    e.add_argument("--json", required=True)
+    e.add_argument("--images", required=True)
+    e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--skip-invalid", action="store_true")
+    e.set_defaults(func=_eval)
+
+    pr = sub.add_parser("predict", help="overlay pictures and a COCO results json for images or folders")
+    pr.add_argument("checkpoint", help="a .pth file or a run folder")
+    pr.add_argument("inputs", nargs="+")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--score-thresh", type=float, default=0.3)
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=_predict)
+
+    for sp in (s, t, e, pr):
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[boxmask] %(message)s")
+    logging.getLogger("boxmask").setLevel(logging.INFO)
+    from .data.coco import DatasetError
+    from .engine.checkpoint import CheckpointError
+    from .engine.trainer import TrainingError
+    from .modeling.backbone import WeightsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, CheckpointError, TrainingError, WeightsError) as e:
+        print(f"boxmask: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

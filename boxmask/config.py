@@ -1,0 +1,235 @@
+"""Typed configuration: every default lives here; YAML files and ``key=value`` overrides change it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class DataConfig:
+    train_json: str = ""
+    train_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    # Shorter side for training is drawn from this list (multi-scale); max_size bounds the longer side.
+    min_size_train: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    min_size_test: int = 800
+    max_size: int = 1333
+    hflip: float = 0.5
+    # ImageNet statistics (RGB, 0-255), as torchvision's pretrained weights expect.
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    size_divisibility: int = 32
+    num_workers: int = 0
+    # Invalid images/annotations: error out (default) or log and skip them.
+    skip_invalid: bool = False
+    # Boxes partly outside the image are clipped; boxes fully outside are invalid.
+    clip_boxes: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | mobilenet_v2
+    # none | path to a .pth state dict | a torchvision weights enum name such as "ResNet50_Weights.IMAGENET1K_V1"
+    weights: str = "none"
+    norm: str = "frozen_bn"  # frozen_bn | bn  (backbone normalisation)
+    freeze_at: int = 2  # 0 = train everything; 1 = freeze the stem; 2 = stem + first stage
+    fpn_channels: int = 256
+    head_convs: int = 4
+    head_norm: str = "gn"  # gn | none
+    num_classes: int = 0  # 0 = taken from the training json
+    fpn_strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    sizes_of_interest: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    center_sampling_radius: float = 1.5
+    prior_prob: float = 0.01
+    # Mask branch and dynamic mask head (CondInst).
+    mask_branch_channels: int = 128
+    mask_branch_convs: int = 4
+    mask_out_channels: int = 8
+    mask_head_channels: int = 8
+    mask_head_layers: int = 3
+    mask_out_stride: int = 4
+    max_proposals_per_image: int = 64  # positives per image fed to the mask head (top-k per GT)
+    # Inference.
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.6
+    pre_nms_topk: int = 1000
+    detections_per_image: int = 100
+    mask_thresh: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    mask_weight: float = 1.0
+    # BoxInst pairwise term.
+    pairwise_size: int = 3
+    pairwise_dilation: int = 2
+    pairwise_color_thresh: float = 0.3
+    pairwise_weight: float = 1.0
+    # Pairwise weight ramps linearly over this fraction of the schedule (10k of 90k in the paper's 1x).
+    pairwise_warmup_frac: float = 0.111
+    # Pixels this many rows at the bottom of each image take no part in the colour pairs (BoxInst: 10).
+    bottom_pixels_removed: int = 10
+
+
+@dataclass
+class SolverConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    ims_per_batch: int = 16
+    max_iters: int = 90000
+    scheduler: str = "step"  # step | cosine
+    steps: list[float] = field(default_factory=lambda: [60000 / 90000, 80000 / 90000])  # fractions of max_iters
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 = off
+    # The dynamic mask head's generated parameters learn with this multiple of the base LR (see modeling/fcos.py).
+    controller_lr_mult: float = 1.0
+
+
+@dataclass
+class Config:
+    method: str = "boxinst"  # boxinst | full
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    out: str = "runs/train"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # autocast on CUDA (fp16 with grad scaler, or bf16 where supported)
+    cpu_bf16: bool = False  # bf16 autocast on CPU
+    seed: int = 0
+    deterministic: bool = False
+    log_period: int = 20
+    checkpoint_period: int = 1000
+    eval_period: int = 0  # 0 = evaluate at the end only
+    keep_checkpoints: int = 2
+
+
+METHODS = ("boxinst", "full")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = getattr(typ, "__origin__", None)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ in (int, float, str):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return typ(value)
+        if origin is list:
+            (inner,) = typ.__args__
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return [_coerce(v, inner, key) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': cannot use {value!r} as {getattr(typ, '__name__', typ)}") from None
+    return value
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give it a mapping")
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, d)
+    return cfg
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (which may name a ``_base_`` file relative to itself) <- overrides."""
+    cfg = Config()
+    if path:
+        for layer in _yaml_chain(Path(path)):
+            _merge(cfg, layer)
+    for ov in overrides or []:
+        _merge(cfg, parse_override(ov))
+    validate(cfg)
+    return cfg
+
+
+def _yaml_chain(path: Path, depth: int = 0) -> list[dict]:
+    if depth > 8:
+        raise ConfigError(f"{path}: _base_ chain too deep")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("_base_", None)
+    chain = _yaml_chain((path.parent / base).resolve(), depth + 1) if base else []
+    return chain + [data]
+
+
+def validate(cfg: Config) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got '{cfg.method}'")
+    if cfg.solver.optimizer not in ("sgd", "adamw"):
+        raise ConfigError(f"solver.optimizer must be sgd or adamw, got '{cfg.solver.optimizer}'")
+    if cfg.solver.scheduler not in ("step", "cosine"):
+        raise ConfigError(f"solver.scheduler must be step or cosine, got '{cfg.solver.scheduler}'")
+    if cfg.solver.max_iters < 1 or cfg.solver.ims_per_batch < 1:
+        raise ConfigError("solver.max_iters and solver.ims_per_batch must be >= 1")
+    if cfg.model.norm not in ("frozen_bn", "bn"):
+        raise ConfigError(f"model.norm must be frozen_bn or bn, got '{cfg.model.norm}'")
+    if len(cfg.model.sizes_of_interest) != len(cfg.model.fpn_strides) - 1:
+        raise ConfigError("model.sizes_of_interest needs one entry fewer than model.fpn_strides")

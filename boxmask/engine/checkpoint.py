@@ -1,0 +1,75 @@
+"""Checkpoints: atomic writes, the pointer to the last one, validated loading."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(run_dir: str | Path, name: str, state: dict[str, Any], keep: int = 2) -> Path:
+    run_dir = Path(run_dir)
+    path = run_dir / name
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_text(run_dir / "last_checkpoint", name + "\n")
+    if keep > 0:
+        olds = sorted(run_dir.glob("model_[0-9]*.pth"), key=lambda p: p.stat().st_mtime)
+        for old in olds[:-keep]:
+            if old.name != name:
+                old.unlink()
+    return path
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    run_dir = Path(run_dir)
+    pointer = run_dir / "last_checkpoint"
+    if not pointer.is_file():
+        return None
+    path = run_dir / pointer.read_text().strip()
+    return path if path.is_file() else None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in run folder {path}")
+        path = found
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or foreign files raise many types
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a boxmask checkpoint")
+    return state

@@ -1,0 +1,282 @@
+"""The training loop: data, model, optimiser, schedule, AMP, logging, checkpoints, evaluation."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, from_dict, to_dict
+from ..data.batch import TrainDataset, TrainSampler, batch_to, collate
+from ..data.coco import CocoDataset
+from ..evaluation.coco_eval import format_table
+from ..evaluation.evaluator import box_fill, predict_dataset, score
+from ..modeling.condinst import CondInst
+from ..modeling.criterion import loss_weights, total_loss
+from .checkpoint import CheckpointError, atomic_write_text, last_checkpoint, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("boxmask")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    s = cfg.solver
+    decay, no_decay, ctrl = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("head.controller."):
+            ctrl.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)  # norms, biases and scales
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay, "lr_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+        {"params": ctrl, "weight_decay": s.weight_decay, "lr_mult": s.controller_lr_mult},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = s.lr * g["lr_mult"]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
+    return torch.optim.AdamW(groups, lr=s.lr)
+
+
+def lr_factor(cfg: Config, it: int) -> float:
+    s = cfg.solver
+    warm = 1.0
+    if it < s.warmup_iters:
+        alpha = it / max(s.warmup_iters, 1)
+        warm = s.warmup_factor * (1 - alpha) + alpha
+    if s.scheduler == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * it / s.max_iters))
+    drops = sum(it >= int(round(f * s.max_iters)) if f <= 1 else it >= f for f in s.steps)
+    return warm * s.gamma**drops
+
+
+def build_model(cfg: Config, num_classes: int) -> CondInst:
+    return CondInst(cfg, num_classes)
+
+
+def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, checkpoint dict) from a checkpoint file or a run folder."""
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    cfg.model.weights = "none"  # the checkpoint holds the weights
+    model = build_model(cfg, len(state["class_names"]))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, state
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if device.type == "cuda" and cfg.amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    if device.type == "cpu" and cfg.cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16
+    return contextlib.nullcontext(), None
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("boxmask").addHandler(handler)
+    return handler
+
+
+def load_datasets(cfg: Config) -> tuple[CocoDataset, CocoDataset | None]:
+    d = cfg.data
+    if not d.train_json or not d.train_images:
+        raise ConfigError("training needs data.train_json and data.train_images (or --train-json/--train-images)")
+    train = CocoDataset(d.train_json, d.train_images, d.skip_invalid, d.clip_boxes, require_masks=cfg.method == "full")
+    log.info("train %s: %s", d.train_json, train.report.summary())
+    if cfg.method == "full" and not train.has_masks:
+        raise ConfigError(f"method 'full' needs masks ('segmentation') in {d.train_json}")
+    val = None
+    if d.val_json:
+        val = CocoDataset(d.val_json, d.val_images or d.train_images, d.skip_invalid, d.clip_boxes)
+        log.info("val %s: %s", d.val_json, val.report.summary())
+        if val.cat_ids != train.cat_ids:
+            raise ConfigError(f"{d.val_json} has other categories than {d.train_json}")
+    return train, val
+
+
+def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.device, progress: bool = True) -> dict:
+    results = predict_dataset(model, dataset, cfg.data.min_size_test, cfg.data.max_size, device,
+                              progress=progress, size_divisibility=cfg.data.size_divisibility)
+    metrics = score(dataset, results)
+    metrics["box_fill"] = box_fill(results)
+    return metrics
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` into ``cfg.out``; returns the final evaluation metrics (empty without val data)."""
+    run_dir = Path(cfg.out)
+    existing = last_checkpoint(run_dir) if run_dir.exists() else None
+    if resume and existing is None:
+        raise TrainingError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and existing is not None:
+        raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    # Everything that can fail on the user's input is checked before RUN/ is written.
+    train_set, val_set = load_datasets(cfg)
+    model = build_model(cfg, len(train_set.cat_ids)).to(device)
+    optimizer = build_optimizer(model, cfg)
+    start_iter = 0
+    state = None
+    if resume:
+        state = load_checkpoint(existing)
+        if state.get("cat_ids") != train_set.cat_ids:
+            raise TrainingError(f"{existing} was trained on other categories than {cfg.data.train_json}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_iter = int(state["iteration"])
+    autocast, amp_dtype = _autocast(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    if state is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if state is not None and "rng" in state:
+        _set_rng(state["rng"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(run_dir)
+    try:
+        if not resume:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log.info("%s: %d classes %s, device %s, %s from iteration %d to %d",
+                 cfg.method, len(train_set.cat_ids), train_set.class_names, device,
+                 "resuming" if resume else "training", start_iter, cfg.solver.max_iters)
+        return _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress)
+    finally:
+        logging.getLogger("boxmask").removeHandler(handler)
+        handler.close()
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress) -> dict:
+    s = cfg.solver
+    bs = s.ims_per_batch
+    sampler = TrainSampler(len(train_set), bs, cfg.seed, start_iter, s.max_iters)
+    loader = DataLoader(
+        TrainDataset(train_set, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, cfg.method == "full"),
+        batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=lambda b: collate(b, cfg.data.size_divisibility),
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def write_metrics(rec: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def checkpoint(it: int) -> None:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "iteration": it, "config": to_dict(cfg), "class_names": train_set.class_names,
+            "cat_ids": train_set.cat_ids, "rng": _rng_state(),
+        }
+        save_checkpoint(run_dir, f"model_{it:07d}.pth", state, cfg.keep_checkpoints)
+
+    def run_eval(it: int) -> dict:
+        if val_set is None:
+            return {}
+        m = evaluate_model(model, val_set, cfg, device, progress)
+        write_metrics({"type": "eval", "iteration": it, "images_seen": it * bs, **m})
+        log.info("iteration %d (%d images seen)\n%s", it, it * bs, format_table(m))
+        return m
+
+    model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    t_last = time.perf_counter()
+    final: dict = {}
+    bar = tqdm(total=s.max_iters, initial=start_iter, desc="train", disable=not progress, dynamic_ncols=True)
+    it = start_iter
+    for batch in loader:
+        for g in optimizer.param_groups:
+            g["lr"] = s.lr * g["lr_mult"] * lr_factor(cfg, it)
+        batch = batch_to(batch, device)
+        with autocast:
+            losses = model(batch)
+        losses = {k: v.float() for k, v in losses.items()}
+        loss = total_loss(losses, cfg, it)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss at iteration {it} (images {batch['image_ids']}): "
+                                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if s.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        it += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach()
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach()
+        count += 1
+        bar.update(1)
+        if it % cfg.log_period == 0 or it == s.max_iters:
+            now = time.perf_counter()
+            rec = {k: float(v) / count for k, v in sums.items()}
+            rec.update(type="train", iteration=it, images_seen=it * bs, lr=optimizer.param_groups[0]["lr"],
+                       sec_per_iter=(now - t_last) / count)
+            write_metrics(rec)
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in rec.items() if k.startswith("loss")})
+            log.debug("iteration %d: %s", it, rec)
+            sums, count, t_last = {}, 0, now
+        if it % cfg.checkpoint_period == 0 and it < s.max_iters:
+            checkpoint(it)
+        if cfg.eval_period and it % cfg.eval_period == 0 and it < s.max_iters:
+            run_eval(it)
+    bar.close()
+    checkpoint(it)
+    final = run_eval(it)
+    if final:
+        atomic_write_text(run_dir / "metrics.json", json.dumps({"iteration": it, "images_seen": it * bs, **final}, indent=2))
+    return final

@@ -1,0 +1,116 @@
+"""torchvision backbones with an FPN (P3-P7), and their weights loading (never downloads)."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from ..config import ModelConfig
+
+
+class WeightsError(RuntimeError):
+    """Requested backbone weights cannot be found or do not fit."""
+
+
+_RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+# MobileNetV2 ``features`` indices ending at stride 8, 16, 32, and their channels.
+_MBV2_LAYERS = {"6": "0", "13": "1", "18": "2"}
+_MBV2_CHANNELS = [32, 96, 1280]
+
+
+def _enum_weights(name: str):
+    try:
+        return torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise WeightsError(f"unknown torchvision weights '{name}' (e.g. ResNet50_Weights.IMAGENET1K_V1)") from None
+
+
+def torchvision_cache_file(name: str) -> Path:
+    """Where torchvision looks for the file of a weights enum (its hub checkpoint cache)."""
+    url = _enum_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_backbone_state(weights: str) -> dict[str, torch.Tensor] | None:
+    """State dict for ``weights``: 'none', a local .pth file, or a torchvision enum whose file must
+    already sit in torchvision's cache; a missing file is an error telling where to put it."""
+    if not weights or weights.lower() == "none":
+        return None
+    if "_Weights." in weights and not Path(weights).exists():
+        path = torchvision_cache_file(weights)
+        if not path.is_file():
+            raise WeightsError(
+                f"backbone weights {weights} are not on this machine and boxmask never downloads them: "
+                f"place the file at {path} (or set TORCH_HOME), or give model.weights=PATH/TO/FILE.pth"
+            )
+        return _enum_weights(weights).get_state_dict(progress=False, check_hash=False)
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise WeightsError(f"cannot read backbone weights {path}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict")
+    return state
+
+
+def _body(cfg: ModelConfig) -> tuple[nn.Module, dict[str, str], list[int]]:
+    norm = FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d
+    name = cfg.backbone
+    if name in _RESNETS:
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
+        c5 = _RESNETS[name]
+        return net, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c5 // 4, c5 // 2, c5]
+    if name == "mobilenet_v2":
+        net = torchvision.models.mobilenet_v2(weights=None, norm_layer=norm)
+        return net, dict(_MBV2_LAYERS), list(_MBV2_CHANNELS)
+    raise WeightsError(f"unknown backbone '{name}' (resnet18, resnet34, resnet50, mobilenet_v2)")
+
+
+def _freeze(net: nn.Module, cfg: ModelConfig) -> None:
+    if cfg.backbone.startswith("resnet"):
+        groups = [["conv1", "bn1"], ["layer1"]]
+    else:
+        groups = [["features.0", "features.1"], ["features.2", "features.3"]]
+    frozen = [p for g in groups[: cfg.freeze_at] for p in g]
+    for pname, param in net.named_parameters():
+        if any(pname == f or pname.startswith(f + ".") for f in frozen):
+            param.requires_grad_(False)
+
+
+class Backbone(nn.Module):
+    """Body + FPN; returns the pyramid levels for ``cfg.fpn_strides`` (P3 = stride 8, ...)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        net, return_layers, in_channels = _body(cfg)
+        state = load_backbone_state(cfg.weights)
+        if state is not None:
+            result = net.load_state_dict(state, strict=False)
+            matched = len(net.state_dict()) - len(result.missing_keys)
+            if matched == 0:
+                raise WeightsError(f"no key of the weights file matches backbone {cfg.backbone}")
+        _freeze(net, cfg)
+        body = net.features if cfg.backbone == "mobilenet_v2" else net
+        num_levels = len(cfg.fpn_strides)
+        if cfg.fpn_strides[:3] != [8, 16, 32] or not 3 <= num_levels <= 5:
+            raise WeightsError("model.fpn_strides must start 8, 16, 32 and have 3 to 5 levels")
+        extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels) if num_levels > 3 else None
+        self.fpn = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
+        self.num_levels = num_levels
+        self.out_channels = cfg.fpn_channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats: OrderedDict = self.fpn(x)
+        return list(feats.values())[: self.num_levels]

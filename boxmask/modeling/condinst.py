@@ -1,0 +1,237 @@
+"""CondInst: backbone + FPN, FCOS head with controller, mask branch, dynamic mask head.
+
+In training ``forward`` returns the unweighted loss terms selected by ``method`` (weights and ramps are
+applied in ``criterion.py``); in eval it returns detections in original image coordinates."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
+
+from ..config import Config
+from . import boxinst_loss
+from .backbone import Backbone
+from .color import color_similarity, rgb_to_lab
+from .dynamic_mask_head import DynamicMaskHead, aligned_bilinear
+from .fcos import FCOSHead, fcos_losses, ltrb_to_boxes
+from .mask_branch import MaskBranch
+from .targets import assign_image, centerness_target, compute_locations, level_size_ranges, topk_per_gt
+
+
+class CondInst(nn.Module):
+    def __init__(self, cfg: Config, num_classes: int):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.method = cfg.method
+        self.num_classes = num_classes
+        self.strides = list(m.fpn_strides)
+        self.soi = [float(s) for s in m.sizes_of_interest[: len(self.strides) - 1]] + [float(m.sizes_of_interest[-1] * 2)]
+        self.size_ranges = level_size_ranges(m.sizes_of_interest, len(self.strides))
+        self.backbone = Backbone(m)
+        self.mask_branch = MaskBranch(m.fpn_channels, m.mask_branch_channels, m.mask_branch_convs, m.mask_out_channels)
+        self.mask_head = DynamicMaskHead(m.mask_out_channels, m.mask_head_channels, m.mask_head_layers)
+        self.head = FCOSHead(
+            m.fpn_channels, num_classes, m.head_convs, m.head_norm, m.prior_prob, self.strides,
+            self.mask_head.default_params(),
+        )
+        self.register_buffer("pixel_mean", torch.tensor(cfg.data.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.data.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ shared
+    def _features(self, images: torch.Tensor):
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        feats = self.backbone(x)
+        head = self.head(feats)
+        mask_feats = self.mask_branch(feats[:3])
+        return feats, head, mask_feats
+
+    def _locations(self, head: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        locs, levels = [], []
+        for lvl, t in enumerate(head["cls"]):
+            h, w = t.shape[-2:]
+            loc = compute_locations(h, w, self.strides[lvl], t.device)
+            locs.append(loc)
+            levels.append(torch.full((loc.shape[0],), lvl, dtype=torch.long, device=t.device))
+        return torch.cat(locs), torch.cat(levels)
+
+    @staticmethod
+    def _flatten(maps: list[torch.Tensor]) -> torch.Tensor:
+        """Per-level [B, K, h, w] -> [B, sum(h*w), K]."""
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+    def forward(self, batch: dict):
+        if self.training:
+            return self.forward_train(batch)
+        return self.inference(batch)
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["images"]
+        targets = batch["targets"]
+        feats, head, mask_feats = self._features(images)
+        locations, levels = self._locations(head)
+        cls = self._flatten(head["cls"])
+        reg = self._flatten(head["reg"])
+        ctr = self._flatten(head["ctr"])[..., 0]
+        params = self._flatten(head["params"])
+        bsz, num_loc = cls.shape[:2]
+
+        strides_t = torch.tensor(self.strides, device=images.device, dtype=torch.float32)[levels]
+        ranges_t = torch.tensor(self.size_ranges, device=images.device, dtype=torch.float32)[levels]
+        gt_idx_all, reg_t_all = [], []
+        for t in targets:
+            gi, rt = assign_image(locations, levels, strides_t, ranges_t, t["boxes"], self.cfg.model.center_sampling_radius)
+            gt_idx_all.append(gi)
+            reg_t_all.append(rt)
+        gt_idx = torch.stack(gt_idx_all)  # [B, L]
+        reg_t = torch.stack(reg_t_all)
+        labels = torch.full_like(gt_idx, -1)
+        for i, t in enumerate(targets):
+            pos_i = gt_idx[i] >= 0
+            labels[i, pos_i] = t["labels"][gt_idx[i, pos_i]]
+        pos = labels >= 0
+        ctr_t = torch.zeros(bsz, num_loc, device=images.device)
+        if pos.any():
+            ctr_t[pos] = centerness_target(reg_t[pos])
+        num_pos = float(batch.get("num_pos_avg", max(int(pos.sum()), 1)))
+        loss = fcos_losses(
+            cls.reshape(-1, self.num_classes), reg.reshape(-1, 4), ctr.reshape(-1),
+            locations.repeat(bsz, 1), labels.reshape(-1), reg_t.reshape(-1, 4), ctr_t.reshape(-1),
+            max(num_pos, 1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma,
+        )
+
+        inst = self._select_instances(cls, ctr, gt_idx, labels, levels)
+        img_idx, loc_idx, inst_gt = inst["image"], inst["loc"], inst["gt"]
+        mask_logits = self.mask_head(
+            mask_feats, self.strides[0], params[img_idx, loc_idx], img_idx, locations[loc_idx],
+            torch.tensor(self.soi, device=images.device)[levels[loc_idx]], self.cfg.model.mask_out_stride,
+        )
+        loss.update(self._mask_losses(mask_logits, batch, img_idx, inst_gt))
+        return loss
+
+    def _select_instances(self, cls, ctr, gt_idx, labels, levels) -> dict[str, torch.Tensor]:
+        """Positive locations fed to the mask head: top-k per GT (by class score x centerness)."""
+        sel_img, sel_loc, sel_gt = [], [], []
+        k = self.cfg.model.max_proposals_per_image
+        for i in range(cls.shape[0]):
+            pos_loc = torch.nonzero(labels[i] >= 0).squeeze(1)
+            if pos_loc.numel() == 0:
+                continue
+            with torch.no_grad():
+                score = cls[i, pos_loc, labels[i, pos_loc]].sigmoid() * ctr[i, pos_loc].sigmoid()
+            keep = topk_per_gt(gt_idx[i, pos_loc], score, k)
+            pos_loc = pos_loc[keep]
+            sel_img.append(torch.full_like(pos_loc, i))
+            sel_loc.append(pos_loc)
+            sel_gt.append(gt_idx[i, pos_loc])
+        dev = cls.device
+        if not sel_img:
+            empty = torch.zeros(0, dtype=torch.long, device=dev)
+            return {"image": empty, "loc": empty, "gt": empty}
+        return {"image": torch.cat(sel_img), "loc": torch.cat(sel_loc), "gt": torch.cat(sel_gt)}
+
+    def _mask_losses(self, logits: torch.Tensor, batch: dict, img_idx: torch.Tensor, inst_gt: torch.Tensor) -> dict:
+        stride = self.cfg.model.mask_out_stride
+        h, w = logits.shape[-2:]
+        if logits.shape[0] == 0:
+            zero = logits.sum() * 0.0
+            if self.method == "full":
+                return {"loss_mask": zero}
+            return {"loss_proj": zero, "loss_pairwise": zero}
+        scores = logits.sigmoid()
+        if self.method == "full":
+            gt = batch["gt_masks_padded"]  # list of [G, H, W] per image, padded to the batch canvas
+            tgt = torch.stack([gt[int(i)][int(g)] for i, g in zip(img_idx.tolist(), inst_gt.tolist())])
+            tgt = tgt[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].float()
+            return {"loss_mask": boxinst_loss.dice_loss(scores[:, 0], tgt).mean()}
+        boxes = torch.cat([t["boxes"] for t in batch["targets"]])
+        offsets = torch.tensor([0] + [len(t["boxes"]) for t in batch["targets"]], device=logits.device).cumsum(0)
+        inst_boxes = boxes[offsets[img_idx] + inst_gt]
+        box_masks = box_masks_on_grid(inst_boxes, h, w, stride)
+        loss_proj = boxinst_loss.projection_loss(scores[:, 0], box_masks).mean()
+        sim = self._color_similarity(batch, stride, (h, w))[img_idx]
+        loss_pair = boxinst_loss.pairwise_loss(
+            logits, sim, box_masks, self.cfg.loss.pairwise_color_thresh, self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation
+        )
+        return {"loss_proj": loss_proj, "loss_pairwise": loss_pair}
+
+    def _color_similarity(self, batch: dict, stride: int, hw: tuple[int, int]) -> torch.Tensor:
+        """LAB colour similarity of each image at mask resolution, with padding and the bottom rows removed."""
+        images = batch["images"].float()
+        pooled = F.avg_pool2d(images, kernel_size=stride, stride=stride)[:, :, : hw[0], : hw[1]]
+        lab = rgb_to_lab(pooled)
+        valid = torch.zeros(images.shape[0], 1, images.shape[2], images.shape[3], device=images.device)
+        removed = self.cfg.loss.bottom_pixels_removed
+        for i, ((ih, iw), (oh, _ow)) in enumerate(zip(batch["image_sizes"], batch["orig_sizes"])):
+            cut = int(removed * float(ih) / float(oh)) if removed > 0 else 0
+            valid[i, :, : ih - cut, :iw] = 1.0
+        valid = valid[:, :, stride // 2 :: stride, stride // 2 :: stride][:, :, : hw[0], : hw[1]]
+        return color_similarity(lab, valid, self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inference(self, batch: dict) -> list[dict[str, torch.Tensor]]:
+        m = self.cfg.model
+        images = batch["images"]
+        feats, head, mask_feats = self._features(images)
+        locations, levels = self._locations(head)
+        cls = self._flatten(head["cls"]).sigmoid()
+        reg = self._flatten(head["reg"])
+        ctr = self._flatten(head["ctr"])[..., 0].sigmoid()
+        params = self._flatten(head["params"])
+        soi = torch.tensor(self.soi, device=images.device)
+        results = []
+        for i, ((ih, iw), (oh, ow)) in enumerate(zip(batch["image_sizes"], batch["orig_sizes"])):
+            scores = cls[i] * ctr[i][:, None]  # threshold with centerness, as CondInst
+            cand_loc, cand_cls, cand_score = [], [], []
+            start = 0
+            for lvl, t in enumerate(head["cls"]):
+                n = t.shape[-2] * t.shape[-1]
+                s = scores[start : start + n]
+                keep = torch.nonzero(s > m.score_thresh)
+                if keep.shape[0] > m.pre_nms_topk:
+                    top = s[keep[:, 0], keep[:, 1]].topk(m.pre_nms_topk).indices
+                    keep = keep[top]
+                cand_loc.append(keep[:, 0] + start)
+                cand_cls.append(keep[:, 1])
+                cand_score.append(s[keep[:, 0], keep[:, 1]])
+                start += n
+            loc_idx = torch.cat(cand_loc)
+            labels = torch.cat(cand_cls)
+            sc = torch.cat(cand_score).sqrt()
+            boxes = ltrb_to_boxes(locations[loc_idx], reg[i, loc_idx])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, iw)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ih)
+            keep = batched_nms(boxes.float(), sc.float(), labels, m.nms_thresh)[: m.detections_per_image]
+            loc_idx, labels, sc, boxes = loc_idx[keep], labels[keep], sc[keep], boxes[keep]
+            logits = self.mask_head(
+                mask_feats[i : i + 1], self.strides[0], params[i, loc_idx], torch.zeros_like(loc_idx),
+                locations[loc_idx], soi[levels[loc_idx]], m.mask_out_stride,
+            )
+            masks = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
+            scale = torch.tensor([ow / iw, oh / ih, ow / iw, oh / ih], device=boxes.device)
+            results.append({"boxes": boxes.float() * scale, "scores": sc.float(), "labels": labels, "masks": masks})
+        return results
+
+
+def box_masks_on_grid(boxes: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
+    """[N, h, w] masks of the grid cells (centres at ``j*stride + stride/2``) inside each xyxy box."""
+    xs = torch.arange(w, device=boxes.device, dtype=torch.float32) * stride + stride // 2 + 0.5
+    ys = torch.arange(h, device=boxes.device, dtype=torch.float32) * stride + stride // 2 + 0.5
+    in_x = (xs[None] > boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])
+    in_y = (ys[None] > boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])
+    return (in_y[:, :, None] & in_x[:, None, :]).float()
+
+
+def paste_masks(logits: torch.Tensor, stride: int, image_size: tuple[int, int], orig_size: tuple[int, int], thresh: float) -> torch.Tensor:
+    """Stride-``stride`` mask logits -> boolean masks [N, oh, ow] at the original image size."""
+    ih, iw = image_size
+    oh, ow = orig_size
+    if logits.shape[0] == 0:
+        return torch.zeros(0, oh, ow, dtype=torch.bool, device=logits.device)
+    probs = aligned_bilinear(logits.float().sigmoid(), stride)[:, :, :ih, :iw]
+    if (ih, iw) != (oh, ow):
+        probs = F.interpolate(probs, size=(oh, ow), mode="bilinear", align_corners=False)
+    return probs[:, 0] > thresh

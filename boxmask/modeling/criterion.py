@@ -1,0 +1,27 @@
+"""The one place where loss terms are weighted and ramped."""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+
+
+def loss_weights(cfg: Config, iteration: int) -> dict[str, float]:
+    """Weight of every loss term at ``iteration`` (ramps are fractions of ``solver.max_iters``)."""
+    warm = max(cfg.loss.pairwise_warmup_frac * cfg.solver.max_iters, 1.0)
+    return {
+        "loss_cls": 1.0,
+        "loss_box": 1.0,
+        "loss_ctr": 1.0,
+        "loss_proj": cfg.loss.mask_weight,
+        "loss_pairwise": cfg.loss.mask_weight * cfg.loss.pairwise_weight * min(iteration / warm, 1.0),
+        "loss_mask": cfg.loss.mask_weight,
+    }
+
+
+def total_loss(losses: dict[str, torch.Tensor], cfg: Config, iteration: int) -> torch.Tensor:
+    weights = loss_weights(cfg, iteration)
+    unknown = set(losses) - set(weights)
+    if unknown:
+        raise KeyError(f"no weight for loss terms {sorted(unknown)}")
+    return sum(weights[k] * v for k, v in losses.items())

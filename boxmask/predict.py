@@ -1,0 +1,65 @@
+"""Images -> detections -> overlay PNGs and a COCO results json (RLE masks)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from PIL import UnidentifiedImageError
+from tqdm import tqdm
+
+from .data.batch import batch_to, collate
+from .data.coco import DatasetError, load_image
+from .data.transforms import apply_transforms
+from .engine.checkpoint import atomic_write_text
+from .evaluation.coco_eval import detections_to_coco
+from .visualize import draw_instances, save_png
+
+log = logging.getLogger("boxmask")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted); a missing path is an error."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DatasetError(f"input not found: {p}")
+    if not files:
+        raise DatasetError(f"no images found in {', '.join(map(str, inputs))}")
+    return files
+
+
+@torch.no_grad()
+def predict_images(model, state: dict, inputs: list[str | Path], out_dir: str | Path, device: torch.device,
+                   score_thresh: float = 0.3, progress: bool = True) -> Path:
+    """Write ``OUT/<name>.png`` overlays and ``OUT/results.json``; returns the json path."""
+    cfg = model.cfg
+    files = collect_images(inputs)
+    out_dir = Path(out_dir)
+    results: list[dict] = []
+    class_names = state["class_names"]
+    label_to_cat = state["cat_ids"]
+    for image_id, path in enumerate(tqdm(files, desc="predict", disable=not progress), start=1):
+        try:
+            image = load_image(path)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DatasetError(f"cannot read image {path}: {e}") from None
+        sample = {"image": image, "boxes": torch.zeros(0, 4).numpy(), "labels": torch.zeros(0, dtype=torch.long).numpy(),
+                  "image_id": image_id, "orig_size": image.shape[:2]}
+        sample = apply_transforms(sample, cfg.data.min_size_test, cfg.data.max_size, False)
+        det = {k: v.cpu() for k, v in model(batch_to(collate([sample], cfg.data.size_divisibility), device))[0].items()}
+        for r in detections_to_coco(image_id, det, label_to_cat):
+            r["file_name"] = path.name
+            results.append(r)
+        save_png(out_dir / f"{path.stem}.png", draw_instances(image, det, class_names, score_thresh=score_thresh))
+    json_path = out_dir / "results.json"
+    atomic_write_text(json_path, json.dumps(results))
+    return json_path

@@ -1,0 +1,196 @@
+"""Drawing helpers for qualitative inspection of instance predictions.
+
+Deliberately torch-free (tensors are accepted by duck typing) so that the
+module can be used from plotting scripts without pulling the model code in.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["PALETTE", "draw_instances", "side_by_side", "save_png"]
+
+# Fixed, saturated palette (tab10 + a few extras): colour depends only on the
+# instance index, so repeated renders of the same detections look identical.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (188, 189, 34),
+    (23, 190, 207),
+    (255, 215, 0),
+    (0, 128, 128),
+    (128, 0, 255),
+)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Tensor or array-like -> numpy array (detached, on CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """Validate and normalise to HxWx3 uint8 (grayscale is expanded)."""
+    image = _to_numpy(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]  # drop alpha: the drawing is opaque anyway
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{what} must be HxWx3 RGB, got shape {image.shape}")
+    return image
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Inner 1-pixel contour: mask pixels with a 4-neighbour outside the mask."""
+    padded = np.pad(mask, 1, mode="constant", constant_values=False)
+    eroded = (
+        padded[1:-1, 1:-1]
+        & padded[:-2, 1:-1]
+        & padded[2:, 1:-1]
+        & padded[1:-1, :-2]
+        & padded[1:-1, 2:]
+    )
+    return mask & ~eroded
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    l, t, r, b = draw.textbbox((0, 0), text, font=font)
+    return int(r - l), int(b - t)
+
+
+def draw_instances(
+    image: np.ndarray,
+    det: dict,
+    class_names: list[str],
+    score_thresh: float = 0.3,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Render detections on a copy of ``image`` (uint8 HxWx3 RGB).
+
+    Draws translucent masks, mask contours, boxes and ``"name score"`` labels
+    for detections with ``score >= score_thresh``. ``det`` holds ``boxes``
+    (xyxy, pixel-edge coords), ``scores``, ``labels`` and optionally ``masks``
+    ([N,H,W] bool/uint8, tensors or arrays, at the image size). Instance ``i``
+    gets ``PALETTE[i % len(PALETTE)]``. The input is never modified.
+    """
+    img = _as_rgb_uint8(image)
+    h, w = img.shape[:2]
+    boxes = _to_numpy(det.get("boxes", np.zeros((0, 4)))).astype(np.float64).reshape(-1, 4)
+    n = boxes.shape[0]
+    has_scores = det.get("scores") is not None
+    scores = _to_numpy(det["scores"]).astype(np.float64).reshape(-1) if has_scores else np.ones(n)
+    labels = _to_numpy(det["labels"]).astype(np.int64).reshape(-1) if det.get("labels") is not None else np.zeros(n, np.int64)
+    masks = det.get("masks")
+    if masks is not None:
+        masks = _to_numpy(masks)
+        if masks.ndim == 4 and masks.shape[1] == 1:  # tolerate [N,1,H,W]
+            masks = masks[:, 0]
+        if masks.shape != (n, h, w):
+            raise ValueError(f"masks must be [N,H,W]={(n, h, w)}, got {tuple(masks.shape)}")
+    if scores.shape[0] != n or labels.shape[0] != n:
+        raise ValueError("boxes, scores and labels must have the same length")
+
+    keep = np.nonzero(scores >= score_thresh)[0]
+    # Paint low scores first so the most confident instance ends up on top.
+    keep = keep[np.argsort(scores[keep], kind="stable")]
+
+    out = img.astype(np.float32)
+    if masks is not None:
+        for i in keep:
+            m = masks[i]
+            m = m >= 0.5 if np.issubdtype(m.dtype, np.floating) else m != 0
+            if not m.any():
+                continue
+            color = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+            out[m] = (1.0 - alpha) * out[m] + alpha * color
+            # Opaque contour keeps adjacent same-class instances distinguishable.
+            out[_boundary(m)] = color
+    pil = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default()
+    line_w = max(1, round(min(h, w) / 256))
+    for i in keep:
+        color = PALETTE[i % len(PALETTE)]
+        # Pixel-edge box [x1, x2) covers pixels x1..x2-1; PIL's rectangle is
+        # inclusive of both corners, hence the -1. Clip so PIL never sees x1 < x0.
+        x1, y1, x2, y2 = boxes[i]
+        x0 = int(np.clip(np.floor(x1), 0, w - 1))
+        y0 = int(np.clip(np.floor(y1), 0, h - 1))
+        xe = int(np.clip(np.ceil(x2) - 1, x0, w - 1))
+        ye = int(np.clip(np.ceil(y2) - 1, y0, h - 1))
+        draw.rectangle((x0, y0, xe, ye), outline=color, width=line_w)
+
+        lab = int(labels[i])
+        name = class_names[lab] if 0 <= lab < len(class_names) else str(lab)
+        text = f"{name} {scores[i]:.2f}" if has_scores else name
+        tw, th = _text_size(draw, text, font)
+        # Above the box when there is room, otherwise just inside its top edge.
+        ty = y0 - th - 2 if y0 - th - 2 >= 0 else y0
+        tx = min(x0, max(0, w - tw - 2))
+        draw.rectangle((tx, ty, tx + tw + 1, ty + th + 1), fill=color)
+        # Black or white text, whichever contrasts with the label background.
+        lum = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        fg = (0, 0, 0) if lum > 140 else (255, 255, 255)
+        left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+        draw.text((tx + 1 - left, ty + 1 - top), text, fill=fg, font=font)
+    return np.asarray(pil, dtype=np.uint8).copy()
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Concatenate two images horizontally with a white ``gap``-pixel strip.
+
+    Heights may differ: the shorter image is padded at the bottom with white.
+    """
+    left = _as_rgb_uint8(left, "left")
+    right = _as_rgb_uint8(right, "right")
+    h = max(left.shape[0], right.shape[0])
+    gap = max(0, int(gap))
+    out = np.full((h, left.shape[1] + gap + right.shape[1], 3), 255, dtype=np.uint8)
+    out[: left.shape[0], : left.shape[1]] = left
+    out[: right.shape[0], left.shape[1] + gap :] = right
+    return out
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write ``image`` (uint8 HxW or HxWx3/4) as PNG atomically.
+
+    The PNG is written to a temp file in the destination folder and moved into
+    place with ``os.replace`` so readers never see a half-written file. The
+    parent folder is created if needed.
+    """
+    path = Path(path)
+    arr = _to_numpy(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {arr.dtype}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(arr).save(fh, format="PNG")
+        # mkstemp creates 0600 files; give the PNG normal read permissions.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
