@@ -58,6 +58,9 @@ class ModelConfig:
     mask_head_layers: int = 3
     mask_out_stride: int = 4
     max_proposals_per_image: int = 64  # positives per image fed to the mask head (top-k per GT)
+    # How the controller starts: "shared" = every instance begins with one well-scaled MLP (its bias),
+    # "condinst" = the original init (weights N(0, 0.01), bias 0), kept for comparison.
+    mask_head_init: str = "shared"
     # Inference.
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
@@ -91,7 +94,8 @@ class SolverConfig:
     ims_per_batch: int = 16
     max_iters: int = 90000
     scheduler: str = "step"  # step | cosine
-    steps: list[float] = field(default_factory=lambda: [60000 / 90000, 80000 / 90000])  # fractions of max_iters
+    # LR drops: values <= 1 are fractions of max_iters, larger values are iteration numbers.
+    steps: list[float] = field(default_factory=lambda: [60000 / 90000, 80000 / 90000])
     gamma: float = 0.1
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
@@ -231,5 +235,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("solver.max_iters and solver.ims_per_batch must be >= 1")
     if cfg.model.norm not in ("frozen_bn", "bn"):
         raise ConfigError(f"model.norm must be frozen_bn or bn, got '{cfg.model.norm}'")
+    if cfg.model.mask_head_init not in ("shared", "condinst"):
+        raise ConfigError(f"model.mask_head_init must be shared or condinst, got '{cfg.model.mask_head_init}'")
     if len(cfg.model.sizes_of_interest) != len(cfg.model.fpn_strides) - 1:
         raise ConfigError("model.sizes_of_interest needs one entry fewer than model.fpn_strides")

@@ -41,6 +41,7 @@ class FCOSHead(nn.Module):
         prior_prob: float,
         strides: list[int],
         controller_bias: torch.Tensor,
+        shared_init: bool = True,
     ):
         super().__init__()
         self.strides = list(strides)
@@ -57,10 +58,11 @@ class FCOSHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-        # Generated parameters = a shared, well-scaled MLP (the bias) + a small per-location part.
-        with torch.no_grad():
-            self.controller.weight.mul_(0.1)
-            self.controller.bias.copy_(controller_bias)
+        if shared_init:
+            # Generated parameters = a shared, well-scaled MLP (the bias) + a small per-location part.
+            with torch.no_grad():
+                self.controller.weight.mul_(0.1)
+                self.controller.bias.copy_(controller_bias)
 
     def forward(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {"cls": [], "reg": [], "ctr": [], "params": []}

@@ -1,0 +1,125 @@
+"""Model parts: target assignment, top-k positives, dynamic head, backbone weights, inference format."""
+import pytest
+import torch
+import torchvision
+
+from boxmask.config import Config, load_config
+from boxmask.modeling.backbone import Backbone, WeightsError, torchvision_cache_file
+from boxmask.modeling.condinst import CondInst, paste_masks
+from boxmask.modeling.dynamic_mask_head import DynamicMaskHead, aligned_bilinear
+from boxmask.modeling.targets import assign_image, centerness_target, compute_locations, topk_per_gt
+
+
+def tiny_cfg(**model) -> Config:
+    cfg = load_config("configs/tiny.yaml", ["model.fpn_channels=32", "model.mask_branch_channels=32"])
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    return cfg
+
+
+def test_locations_and_assignment():
+    locs = compute_locations(2, 3, 8, torch.device("cpu"))
+    assert locs.tolist() == [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12]]
+    locs = compute_locations(8, 8, 8, torch.device("cpu"))
+    n = locs.shape[0]
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [16.0, 16.0, 32.0, 32.0]])
+    gi, reg = assign_image(locs, torch.zeros(n, dtype=torch.long), torch.full((n,), 8.0),
+                           torch.tensor([[-1.0, 1e8]]).expand(n, 2), boxes, radius=1.5)
+    # the location (20, 20) is inside both boxes and near both centres: the smaller box wins
+    idx = 2 * 8 + 2
+    assert gi[idx].item() == 1 and reg[idx].tolist() == [4, 4, 12, 12]
+    # far from both centres -> background
+    assert gi[7 * 8 + 7].item() == -1
+    assert centerness_target(torch.tensor([[4.0, 4.0, 4.0, 4.0]])).item() == pytest.approx(1.0)
+
+
+def test_topk_per_gt_keeps_best_per_object():
+    gt = torch.tensor([0, 0, 0, 1, 1, 0])
+    score = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.7])
+    keep = topk_per_gt(gt, score, total=4)  # 2 per GT
+    assert sorted(keep.tolist()) == [1, 3, 4, 5]
+
+
+def test_dynamic_head_shapes_and_default_params():
+    head = DynamicMaskHead(16, 8, 3)
+    assert head.num_params == (18 * 8 + 8) + (8 * 8 + 8) + (8 + 1) == 233
+    params = head.default_params()[None].repeat(3, 1)
+    feats = torch.randn(2, 16, 6, 5)
+    out = head(feats, 8, params, torch.tensor([0, 1, 1]), torch.tensor([[4.0, 4.0], [20.0, 12.0], [30.0, 40.0]]),
+               torch.tensor([64.0, 64.0, 128.0]), 4)
+    assert out.shape == (3, 1, 12, 10)
+    # the shared initial MLP already responds to the features (not a constant map)
+    assert out.std() > 1e-3
+
+
+def test_aligned_bilinear_keeps_constant_and_shape():
+    x = torch.ones(1, 1, 3, 4)
+    y = aligned_bilinear(x, 2)
+    assert y.shape == (1, 1, 6, 8) and torch.allclose(y, torch.ones_like(y))
+
+
+def test_paste_masks_to_original_size():
+    logits = torch.full((2, 1, 4, 6), -10.0)
+    logits[0, :, 1:3, 1:3] = 10.0
+    m = paste_masks(logits, 4, (16, 24), (32, 48), 0.5)
+    assert m.shape == (2, 32, 48) and m.dtype == torch.bool
+    assert m[0].any() and not m[1].any()
+
+
+def test_inference_output_format():
+    cfg = tiny_cfg()
+    cfg.model.score_thresh = 0.0
+    model = CondInst(cfg, 3).eval()
+    batch = {"images": torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8), "image_sizes": [(64, 90), (60, 80)],
+             "orig_sizes": [(128, 180), (60, 80)]}
+    out = model(batch)
+    assert len(out) == 2
+    for det, (h, w) in zip(out, [(128, 180), (60, 80)]):
+        n = det["boxes"].shape[0]
+        assert 0 < n <= cfg.model.detections_per_image
+        assert det["masks"].shape == (n, h, w) and det["labels"].max() < 3
+        assert (det["boxes"][:, 2] <= w + 1e-3).all() and (det["boxes"][:, 3] <= h + 1e-3).all()
+
+
+def test_backbone_weights_from_file(tmp_path):
+    cfg = tiny_cfg(backbone="resnet18", norm="frozen_bn")
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    cfg.model.weights = str(path)
+    bb = Backbone(cfg.model)
+    assert torch.equal(bb.fpn.body.conv1.weight, ref.conv1.weight)
+    # a file that matches nothing is refused
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
+    cfg.model.weights = str(tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="no key"):
+        Backbone(cfg.model)
+    cfg.model.weights = str(tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="not found"):
+        Backbone(cfg.model)
+
+
+def test_torchvision_enum_weights_never_download(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        cfg = tiny_cfg(backbone="mobilenet_v2", weights="MobileNet_V2_Weights.IMAGENET1K_V1")
+        expected = torchvision_cache_file(cfg.model.weights)
+        with pytest.raises(WeightsError) as e:
+            Backbone(cfg.model)
+        assert str(expected) in str(e.value) and "never downloads" in str(e.value)
+        # with the file in torchvision's cache, the standard enum API loads it
+        ref = torchvision.models.mobilenet_v2(weights=None)
+        expected.parent.mkdir(parents=True)
+        torch.save(ref.state_dict(), expected)
+        bb = Backbone(cfg.model)
+        assert torch.equal(bb.fpn.body["0"][0].weight, ref.features[0][0].weight)
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_frozen_stages():
+    cfg = tiny_cfg(backbone="resnet18", freeze_at=2)
+    bb = Backbone(cfg.model)
+    assert not bb.fpn.body.conv1.weight.requires_grad and not bb.fpn.body.layer1[0].conv1.weight.requires_grad
+    assert bb.fpn.body.layer2[0].conv1.weight.requires_grad
