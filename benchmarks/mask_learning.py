@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from boxmask.config import load_config
 from boxmask.data.synth import generate
 from boxmask.engine.checkpoint import atomic_write_text
@@ -41,14 +43,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=str(ROOT.parent / "configs" / "tiny.yaml"))
     ap.add_argument("--name", default="mask_learning")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every variant")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = ROOT / "work"
     data = work / f"synth_{args.num_train}_{args.num_val}_{args.size}_{args.seed}"
     if not (data / "val.json").is_file():
         generate(data, args.num_train, args.num_val, args.size, args.seed, show_progress=False)
-    results = {"config": args.config, "iters": args.iters, "data": {"num_train": args.num_train, "num_val": args.num_val,
+    results = {"config": args.config, "iters": args.iters, "threads": torch.get_num_threads(), "data": {"num_train": args.num_train, "num_val": args.num_val,
                "size": args.size, "seed": args.seed}, "overrides": args.overrides, "runs": {}}
     for name in args.variants.split(","):
         method, train_json, extra = VARIANTS[name]
@@ -86,7 +91,7 @@ def to_markdown(results: dict) -> str:
         f"# Mask AP against images seen ({results['config'].split('/')[-1]}, CPU)",
         "",
         f"Data: `boxmask synth` {d['num_train']} train / {d['num_val']} val images, {d['size']} px, seed {d['seed']}; "
-        f"{results['iters']} iterations; overrides: {results['overrides'] or 'none'}. AP values are COCO AP (pycocotools) on val.",
+        f"{results['iters']} iterations; {results['threads']} CPU thread(s); overrides: {results['overrides'] or 'none'}. AP values are COCO AP (pycocotools) on val.",
         "",
         "| variant | images seen | box AP | mask AP | mask/box | mask mIoU | box fill |",
         "|---|---|---|---|---|---|---|",

@@ -34,7 +34,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .data.coco import CocoDataset
     from .engine.checkpoint import atomic_write_text
-    from .engine.trainer import evaluate_model, model_from_checkpoint, resolve_device
+    from .engine.trainer import evaluate_model, model_from_checkpoint, resolve_device, sim_from_checkpoint
     from .evaluation.coco_eval import format_table
 
     device = resolve_device(args.device)
@@ -42,12 +42,19 @@ def _eval(args) -> int:
     dataset = CocoDataset(args.json, args.images, skip_invalid=args.skip_invalid)
     if dataset.cat_ids != state["cat_ids"]:
         raise ConfigError(f"{args.json} has categories {dataset.cat_ids}; the checkpoint was trained on {state['cat_ids']}")
-    metrics = evaluate_model(model, dataset, model.cfg, device, progress=not args.no_progress)
+    metrics = evaluate_model(model, dataset, model.cfg, device, progress=not args.no_progress,
+                             sim=sim_from_checkpoint(model, state, device), mask_quality=True)
     print(format_table(metrics))
     if "mask_iou" in metrics:
         mi = metrics["mask_iou"]
         print(f"mask IoU of matched predictions: {mi['mIoU_matched']:.3f} (recall {mi['recall']:.3f}, mIoU over all GT {mi['mIoU']:.3f})")
     print(f"box fill (mask area / box area): {metrics['box_fill']:.3f}")
+    if "gt_box_masks" in metrics:
+        q = metrics["gt_box_masks"]
+        line = f"masks for the GT boxes vs GT masks: model mIoU {q['model_mIoU']:.3f}"
+        if "pseudo_mIoU" in q:
+            line += f", SIM pseudo masks mIoU {q['pseudo_mIoU']:.3f}"
+        print(line + f" ({q['covered']} of {q['num_gt']} objects have positives)")
     if args.out:
         atomic_write_text(args.out, json.dumps(metrics, indent=2))
         print(f"metrics written to {args.out}")
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-images")
     t.add_argument("--val-json")
     t.add_argument("--val-images")
-    t.add_argument("--method", choices=["boxinst", "full"])
+    t.add_argument("--method", choices=["boxinst", "sim", "full"])
     t.add_argument("--out")
     t.add_argument("--max-iters", type=int)
     t.add_argument("--device")

@@ -86,6 +86,33 @@ class LossConfig:
 
 
 @dataclass
+class SimConfig:
+    """SIM (method: sim). Defaults follow the paper (spec section 7); the released code's choices are switches."""
+    ema_momentum: float = 0.9999  # EMA teacher
+    num_prototypes: int = 10  # L per class
+    tau: float = 1.0  # M_S temperature: 1.0 = released code (thresholds tuned for it), 0.1 = paper Eq. 1
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+    proto_momentum: float = 0.999  # gamma
+    proto_pixels: str = "pseudo"  # pseudo = M_hat foreground (paper) | mi = teacher M_I > fg_thresh (code)
+    semantic: bool = True  # use the semantic map M_S (and update prototypes)
+    self_correction: bool = True  # use the instance map M_I in the fusion
+    weighting: str = "iou"  # iou = softmax(mu * IoU) over an object's positives (paper) | mean (code)
+    mu: float = 5.0
+    alpha: float = 0.5  # fusion (1 - alpha) M_S + alpha M_I
+    fg_thresh: float = 0.7  # confident M_I (sizes the adaptive threshold; prototype pixels with proto_pixels=mi)
+    tau_high_min: float = 0.7
+    tau_high_max: float = 0.8
+    tau_low: float = 0.4
+    pseudo_weight: float = 0.5  # lambda1
+    pseudo_loss: str = "bce_dice"  # bce_dice (paper) | focal (code)
+    warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
+    ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
+    pairwise_feat_sim: bool = False  # code-only: colour x teacher-feature similarity in the pairwise term
+    pairwise_feat_thresh: float = 0.1
+
+
+@dataclass
 class SolverConfig:
     optimizer: str = "sgd"  # sgd | adamw
     lr: float = 0.01
@@ -106,10 +133,11 @@ class SolverConfig:
 
 @dataclass
 class Config:
-    method: str = "boxinst"  # boxinst | full
+    method: str = "boxinst"  # boxinst | sim | full
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     out: str = "runs/train"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -123,7 +151,7 @@ class Config:
     keep_checkpoints: int = 2
 
 
-METHODS = ("boxinst", "full")
+METHODS = ("boxinst", "sim", "full")
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -235,6 +263,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("solver.max_iters and solver.ims_per_batch must be >= 1")
     if cfg.model.norm not in ("frozen_bn", "bn"):
         raise ConfigError(f"model.norm must be frozen_bn or bn, got '{cfg.model.norm}'")
+    for key, value, allowed in (("sim.weighting", cfg.sim.weighting, ("iou", "mean")),
+                                ("sim.proto_pixels", cfg.sim.proto_pixels, ("pseudo", "mi")),
+                                ("sim.pseudo_loss", cfg.sim.pseudo_loss, ("bce_dice", "focal"))):
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got '{value}'")
+    if not (cfg.sim.semantic or cfg.sim.self_correction):
+        raise ConfigError("sim.semantic and sim.self_correction cannot both be off (no pseudo mask left)")
     if cfg.model.mask_head_init not in ("shared", "condinst"):
         raise ConfigError(f"model.mask_head_init must be shared or condinst, got '{cfg.model.mask_head_init}'")
     if len(cfg.model.sizes_of_interest) != len(cfg.model.fpn_strides) - 1:

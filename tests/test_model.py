@@ -123,3 +123,44 @@ def test_frozen_stages():
     bb = Backbone(cfg.model)
     assert not bb.fpn.body.conv1.weight.requires_grad and not bb.fpn.body.layer1[0].conv1.weight.requires_grad
     assert bb.fpn.body.layer2[0].conv1.weight.requires_grad
+
+
+def _train_batch():
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 36.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[4.0, 20.0, 30.0, 60.0], [30.0, 2.0, 62.0, 30.0]]), "labels": torch.tensor([0, 2])}]
+    masks = [torch.zeros(1, 64, 64, dtype=torch.uint8), torch.zeros(2, 64, 64, dtype=torch.uint8)]
+    masks[0][0, 10:30, 10:30] = 1
+    masks[1][0, 25:50, 8:25] = 1
+    masks[1][1, 5:25, 35:60] = 1
+    return {"images": images, "image_sizes": [(64, 64), (60, 64)], "orig_sizes": [(64, 64), (60, 64)],
+            "image_ids": [1, 2], "targets": targets, "gt_masks_padded": masks}
+
+
+@pytest.mark.parametrize("method", ["boxinst", "full"])
+def test_training_step_losses_finite_with_and_without_bf16(method):
+    from boxmask.modeling.criterion import total_loss
+
+    cfg = tiny_cfg()
+    cfg.method = method
+    model = CondInst(cfg, 3).train()
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = model(_train_batch())
+        expected = {"loss_cls", "loss_box", "loss_ctr"} | ({"loss_mask"} if method == "full" else {"loss_proj", "loss_pairwise"})
+        assert set(losses) == expected
+        loss = total_loss({k: v.float() for k, v in losses.items()}, cfg, 10)
+        assert torch.isfinite(loss)
+        model.zero_grad()
+        loss.backward()
+        assert model.head.controller.weight.grad.abs().sum() > 0  # the mask loss reaches the controller
+
+
+def test_empty_targets_give_zero_mask_losses():
+    cfg = tiny_cfg()
+    model = CondInst(cfg, 3).train()
+    batch = _train_batch()
+    batch["targets"] = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
+    losses = model(batch)
+    assert losses["loss_proj"].item() == 0.0 and losses["loss_pairwise"].item() == 0.0
+    assert torch.isfinite(losses["loss_cls"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -19,9 +20,10 @@ from ..config import Config, ConfigError, from_dict, to_dict
 from ..data.batch import TrainDataset, TrainSampler, batch_to, collate
 from ..data.coco import CocoDataset
 from ..evaluation.coco_eval import format_table
-from ..evaluation.evaluator import box_fill, predict_dataset, score
+from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_dataset, score
 from ..modeling.condinst import CondInst
-from ..modeling.criterion import loss_weights, total_loss
+from ..modeling.criterion import pseudo_weight, total_loss
+from ..modeling.sim.method import SIM
 from .checkpoint import CheckpointError, atomic_write_text, last_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("boxmask")
@@ -101,6 +103,15 @@ def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     return model, state
 
 
+def sim_from_checkpoint(model, state: dict, device: torch.device | str = "cpu") -> SIM | None:
+    """SIM's teacher and prototypes saved with a sim run (None for other methods)."""
+    if "sim" not in state:
+        return None
+    sim = SIM(model.cfg, model, len(state["class_names"]))
+    sim.load_state_dict(state["sim"])
+    return sim.to(device).eval()
+
+
 def _autocast(cfg: Config, device: torch.device):
     if device.type == "cuda" and cfg.amp:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -134,11 +145,16 @@ def load_datasets(cfg: Config) -> tuple[CocoDataset, CocoDataset | None]:
     return train, val
 
 
-def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.device, progress: bool = True) -> dict:
+def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.device, progress: bool = True,
+                   sim: SIM | None = None, mask_quality: bool = False) -> dict:
+    """AP (pycocotools), matched-mask IoU and box fill; with ``mask_quality`` (a json with GT masks) also
+    the IoU of the masks made for the GT boxes: the model's, and SIM's pseudo masks when ``sim`` is given."""
     results = predict_dataset(model, dataset, cfg.data.min_size_test, cfg.data.max_size, device,
                               progress=progress, size_divisibility=cfg.data.size_divisibility)
     metrics = score(dataset, results)
     metrics["box_fill"] = box_fill(results)
+    if mask_quality and dataset.has_masks:
+        metrics["gt_box_masks"] = gt_box_mask_quality(model, dataset, cfg, device, sim, progress)
     return metrics
 
 
@@ -155,6 +171,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     # Everything that can fail on the user's input is checked before RUN/ is written.
     train_set, val_set = load_datasets(cfg)
     model = build_model(cfg, len(train_set.cat_ids)).to(device)
+    # SIM's teacher starts as a copy of the student (restored below when resuming).
+    sim = SIM(cfg, model, len(train_set.cat_ids)).to(device) if cfg.method == "sim" else None
     optimizer = build_optimizer(model, cfg)
     start_iter = 0
     state = None
@@ -164,6 +182,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             raise TrainingError(f"{existing} was trained on other categories than {cfg.data.train_json}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if sim is not None:
+            if "sim" not in state:
+                raise TrainingError(f"{existing} holds no SIM state (teacher, prototypes); it was not a sim run")
+            sim.load_state_dict(state["sim"])
         start_iter = int(state["iteration"])
     autocast, amp_dtype = _autocast(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -180,7 +202,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         log.info("%s: %d classes %s, device %s, %s from iteration %d to %d",
                  cfg.method, len(train_set.cat_ids), train_set.class_names, device,
                  "resuming" if resume else "training", start_iter, cfg.solver.max_iters)
-        return _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress)
+        return _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress)
     finally:
         logging.getLogger("boxmask").removeHandler(handler)
         handler.close()
@@ -199,13 +221,14 @@ def _set_rng(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress) -> dict:
+def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress) -> dict:
     s = cfg.solver
     bs = s.ims_per_batch
     sampler = TrainSampler(len(train_set), bs, cfg.seed, start_iter, s.max_iters)
     loader = DataLoader(
         TrainDataset(train_set, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, cfg.method == "full"),
-        batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=lambda b: collate(b, cfg.data.size_divisibility),
+        batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
     metrics_path = run_dir / "metrics.jsonl"
@@ -220,6 +243,8 @@ def _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, s
             "iteration": it, "config": to_dict(cfg), "class_names": train_set.class_names,
             "cat_ids": train_set.cat_ids, "rng": _rng_state(),
         }
+        if sim is not None:
+            state["sim"] = sim.state_dict()
         save_checkpoint(run_dir, f"model_{it:07d}.pth", state, cfg.keep_checkpoints)
 
     def run_eval(it: int) -> dict:
@@ -241,8 +266,15 @@ def _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, s
         for g in optimizer.param_groups:
             g["lr"] = s.lr * g["lr_mult"] * lr_factor(cfg, it)
         batch = batch_to(batch, device)
+        stats: dict = {}
         with autocast:
-            losses = model(batch)
+            if sim is None:
+                losses = model(batch)
+            else:
+                losses, aux = model.forward_train(batch, return_aux=True)
+                extra, stats = sim.losses(batch, aux, pseudo_on=pseudo_weight(cfg, it) > 0)
+                losses.update(extra)
+                del aux
         losses = {k: v.float() for k, v in losses.items()}
         loss = total_loss(losses, cfg, it)
         if not torch.isfinite(loss):
@@ -255,8 +287,10 @@ def _loop(cfg, model, optimizer, scaler, autocast, device, train_set, val_set, s
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        if sim is not None:
+            sim.after_step(model)
         it += 1
-        for k, v in losses.items():
+        for k, v in list(losses.items()) + list(stats.items()):
             sums[k] = sums.get(k, 0.0) + v.detach()
         sums["loss"] = sums.get("loss", 0.0) + loss.detach()
         count += 1

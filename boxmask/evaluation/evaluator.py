@@ -1,6 +1,8 @@
 """Run a model over a dataset and score it with pycocotools."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -18,7 +20,7 @@ def predict_dataset(model, dataset: CocoDataset, min_size: int, max_size: int, d
     """COCO result dicts (boxes + RLE masks) for every image of ``dataset``."""
     label_to_cat = label_to_cat or dataset.cat_ids
     loader = DataLoader(EvalDataset(dataset, min_size, max_size), batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda s: collate(s, size_divisibility))
+                        collate_fn=functools.partial(collate, size_divisibility=size_divisibility))
     was_training = model.training
     model.eval()
     results: list[dict] = []
@@ -50,3 +52,54 @@ def box_fill(results: list[dict]) -> float:
         for r in results if "segmentation" in r and r["score"] >= 0.3
     ]
     return float(np.mean(fills)) if fills else float("nan")
+
+
+@torch.no_grad()
+def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, sim=None, progress: bool = True) -> dict:
+    """Mean IoU against the GT masks of the masks made for each GT box, on the mask grid: the model's
+    (its positives' masks merged with the self-correction weights) and, for SIM, the pseudo mask M_hat."""
+    from ..data.batch import EvalDataset
+    from ..modeling.sim.self_correction import merge_masks, positive_weights
+
+    stride = cfg.model.mask_out_stride
+    loader = DataLoader(EvalDataset(dataset, cfg.data.min_size_test, cfg.data.max_size, with_targets=True),
+                        batch_size=4, collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility))
+    was_training = model.training
+    model.eval()
+    ious: dict[str, list[float]] = {"model": [], "pseudo": []}
+    num_gt = 0
+    try:
+        for batch in tqdm(loader, desc="gt-box masks", disable=not progress, leave=False):
+            batch = batch_to(batch, device)
+            num_gt += sum(len(t["boxes"]) for t in batch["targets"])
+            _, aux = model.forward_train(batch, return_aux=True)
+            inst = aux["inst"]
+            if inst["image"].numel() == 0:
+                continue
+            h, w = aux["mask_logits"].shape[-2:]
+            gt = torch.cat(batch["gt_masks_padded"])[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].bool()
+            if sim is not None:
+                pm = sim.pseudo_masks(batch, aux)
+                groups, student = pm["groups"], pm["student"]
+                ious["pseudo"].extend(_iou(pm["target"] > 0, gt[groups]).tolist())
+            else:
+                groups, group = torch.unique(inst["gt_global"], return_inverse=True)
+                wts = positive_weights(inst["pred_box"], inst["box"], group, groups.numel(), cfg.sim.mu, cfg.sim.weighting)
+                student = merge_masks(aux["mask_logits"].float().sigmoid()[:, 0], wts, group, groups.numel())
+            ious["model"].extend(_iou(student > cfg.model.mask_thresh, gt[groups]).tolist())
+    finally:
+        model.train(was_training)
+    out = {"num_gt": num_gt, "covered": len(ious["model"]), "model_mIoU": _mean(ious["model"])}
+    if sim is not None:
+        out["pseudo_mIoU"] = _mean(ious["pseudo"])
+    return out
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return inter / union.clamp_min(1)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

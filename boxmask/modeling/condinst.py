@@ -40,12 +40,27 @@ class CondInst(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.data.pixel_std).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ shared
-    def _features(self, images: torch.Tensor):
+    def head_outputs(self, images: torch.Tensor) -> dict:
+        """Backbone, FCOS head and mask branch on a uint8 batch; head outputs flattened over levels:
+        cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
         feats = self.backbone(x)
         head = self.head(feats)
-        mask_feats = self.mask_branch(feats[:3])
-        return feats, head, mask_feats
+        locations, levels = self._locations(head)
+        return {
+            "cls": self._flatten(head["cls"]), "reg": self._flatten(head["reg"]),
+            "ctr": self._flatten(head["ctr"])[..., 0], "params": self._flatten(head["params"]),
+            "mask_feats": self.mask_branch(feats[:3]), "locations": locations, "levels": levels,
+            "level_sizes": [t.shape[-2] * t.shape[-1] for t in head["cls"]],
+        }
+
+    def instance_mask_logits(self, out: dict, image_idx: torch.Tensor, loc_idx: torch.Tensor) -> torch.Tensor:
+        """Mask logits [N, 1, H/s, W/s] of the instances at (image, location), s = mask_out_stride."""
+        soi = torch.tensor(self.soi, device=out["mask_feats"].device)[out["levels"][loc_idx]]
+        return self.mask_head(
+            out["mask_feats"], self.strides[0], out["params"][image_idx, loc_idx], image_idx,
+            out["locations"][loc_idx], soi, self.cfg.model.mask_out_stride,
+        )
 
     def _locations(self, head: dict) -> tuple[torch.Tensor, torch.Tensor]:
         locs, levels = [], []
@@ -67,19 +82,12 @@ class CondInst(nn.Module):
         return self.inference(batch)
 
     # ------------------------------------------------------------------ training
-    def forward_train(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["images"]
-        targets = batch["targets"]
-        feats, head, mask_feats = self._features(images)
-        locations, levels = self._locations(head)
-        cls = self._flatten(head["cls"])
-        reg = self._flatten(head["reg"])
-        ctr = self._flatten(head["ctr"])[..., 0]
-        params = self._flatten(head["params"])
-        bsz, num_loc = cls.shape[:2]
-
-        strides_t = torch.tensor(self.strides, device=images.device, dtype=torch.float32)[levels]
-        ranges_t = torch.tensor(self.size_ranges, device=images.device, dtype=torch.float32)[levels]
+    def assign_targets(self, out: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """FCOS targets for every location: gt index (-1 = background), labels, ltrb, centerness."""
+        locations, levels = out["locations"], out["levels"]
+        dev = locations.device
+        strides_t = torch.tensor(self.strides, device=dev, dtype=torch.float32)[levels]
+        ranges_t = torch.tensor(self.size_ranges, device=dev, dtype=torch.float32)[levels]
         gt_idx_all, reg_t_all = [], []
         for t in targets:
             gi, rt = assign_image(locations, levels, strides_t, ranges_t, t["boxes"], self.cfg.model.center_sampling_radius)
@@ -91,27 +99,44 @@ class CondInst(nn.Module):
         for i, t in enumerate(targets):
             pos_i = gt_idx[i] >= 0
             labels[i, pos_i] = t["labels"][gt_idx[i, pos_i]]
+        ctr_t = torch.zeros(gt_idx.shape, device=dev)
         pos = labels >= 0
-        ctr_t = torch.zeros(bsz, num_loc, device=images.device)
         if pos.any():
             ctr_t[pos] = centerness_target(reg_t[pos])
-        num_pos = float(batch.get("num_pos_avg", max(int(pos.sum()), 1)))
+        return {"gt_idx": gt_idx, "labels": labels, "reg": reg_t, "ctr": ctr_t}
+
+    def forward_train(self, batch: dict, return_aux: bool = False):
+        """Unweighted loss terms; with ``return_aux`` also what training-only methods (SIM) build on:
+        the head outputs, the instances fed to the mask head and their mask logits, box masks and
+        colour similarities."""
+        images = batch["images"]
+        targets = batch["targets"]
+        out = self.head_outputs(images)
+        tgt = self.assign_targets(out, targets)
+        bsz = images.shape[0]
+        num_pos = float(batch.get("num_pos_avg", max(int((tgt["labels"] >= 0).sum()), 1)))
         loss = fcos_losses(
-            cls.reshape(-1, self.num_classes), reg.reshape(-1, 4), ctr.reshape(-1),
-            locations.repeat(bsz, 1), labels.reshape(-1), reg_t.reshape(-1, 4), ctr_t.reshape(-1),
-            max(num_pos, 1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma,
+            out["cls"].reshape(-1, self.num_classes), out["reg"].reshape(-1, 4), out["ctr"].reshape(-1),
+            out["locations"].repeat(bsz, 1), tgt["labels"].reshape(-1), tgt["reg"].reshape(-1, 4),
+            tgt["ctr"].reshape(-1), max(num_pos, 1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma,
         )
+        inst = self._select_instances(out["cls"], out["ctr"], tgt["gt_idx"], tgt["labels"])
+        offsets = torch.tensor([0] + [len(t["boxes"]) for t in targets], device=images.device).cumsum(0)
+        inst["gt_global"] = offsets[inst["image"]] + inst["gt"]
+        inst["label"] = tgt["labels"][inst["image"], inst["loc"]]
+        all_boxes = torch.cat([t["boxes"] for t in targets]) if targets else images.new_zeros(0, 4).float()
+        inst["box"] = all_boxes[inst["gt_global"]]
+        mask_logits = self.instance_mask_logits(out, inst["image"], inst["loc"])
+        mask_loss, extras = self._mask_losses(mask_logits, batch, inst)
+        loss.update(mask_loss)
+        if not return_aux:
+            return loss
+        inst["pred_box"] = ltrb_to_boxes(out["locations"][inst["loc"]], out["reg"][inst["image"], inst["loc"]].detach())
+        aux = {"out": out, "inst": inst, "mask_logits": mask_logits, "gt_boxes": all_boxes,
+               "gt_offsets": offsets, **extras}
+        return loss, aux
 
-        inst = self._select_instances(cls, ctr, gt_idx, labels, levels)
-        img_idx, loc_idx, inst_gt = inst["image"], inst["loc"], inst["gt"]
-        mask_logits = self.mask_head(
-            mask_feats, self.strides[0], params[img_idx, loc_idx], img_idx, locations[loc_idx],
-            torch.tensor(self.soi, device=images.device)[levels[loc_idx]], self.cfg.model.mask_out_stride,
-        )
-        loss.update(self._mask_losses(mask_logits, batch, img_idx, inst_gt))
-        return loss
-
-    def _select_instances(self, cls, ctr, gt_idx, labels, levels) -> dict[str, torch.Tensor]:
+    def _select_instances(self, cls, ctr, gt_idx, labels) -> dict[str, torch.Tensor]:
         """Positive locations fed to the mask head: top-k per GT (by class score x centerness)."""
         sel_img, sel_loc, sel_gt = [], [], []
         k = self.cfg.model.max_proposals_per_image
@@ -132,30 +157,29 @@ class CondInst(nn.Module):
             return {"image": empty, "loc": empty, "gt": empty}
         return {"image": torch.cat(sel_img), "loc": torch.cat(sel_loc), "gt": torch.cat(sel_gt)}
 
-    def _mask_losses(self, logits: torch.Tensor, batch: dict, img_idx: torch.Tensor, inst_gt: torch.Tensor) -> dict:
+    def _mask_losses(self, logits: torch.Tensor, batch: dict, inst: dict) -> tuple[dict, dict]:
+        """The mask terms of ``method`` and (for reuse) the box masks / colour similarities."""
         stride = self.cfg.model.mask_out_stride
         h, w = logits.shape[-2:]
+        if self.method == "full":
+            if logits.shape[0] == 0:
+                return {"loss_mask": logits.sum() * 0.0}, {}
+            gt = batch["gt_masks_padded"]  # list of [G, H, W] per image, padded to the batch canvas
+            tgt = torch.stack([gt[i][g] for i, g in zip(inst["image"].tolist(), inst["gt"].tolist())])
+            tgt = tgt[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].float()
+            return {"loss_mask": boxinst_loss.dice_loss(logits.sigmoid()[:, 0], tgt).mean()}, {}
+        box_masks = box_masks_on_grid(inst["box"], h, w, stride)
+        sim = self._color_similarity(batch, stride, (h, w))
+        extras = {"box_masks": box_masks, "color_sim": sim}
         if logits.shape[0] == 0:
             zero = logits.sum() * 0.0
-            if self.method == "full":
-                return {"loss_mask": zero}
-            return {"loss_proj": zero, "loss_pairwise": zero}
-        scores = logits.sigmoid()
-        if self.method == "full":
-            gt = batch["gt_masks_padded"]  # list of [G, H, W] per image, padded to the batch canvas
-            tgt = torch.stack([gt[int(i)][int(g)] for i, g in zip(img_idx.tolist(), inst_gt.tolist())])
-            tgt = tgt[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].float()
-            return {"loss_mask": boxinst_loss.dice_loss(scores[:, 0], tgt).mean()}
-        boxes = torch.cat([t["boxes"] for t in batch["targets"]])
-        offsets = torch.tensor([0] + [len(t["boxes"]) for t in batch["targets"]], device=logits.device).cumsum(0)
-        inst_boxes = boxes[offsets[img_idx] + inst_gt]
-        box_masks = box_masks_on_grid(inst_boxes, h, w, stride)
-        loss_proj = boxinst_loss.projection_loss(scores[:, 0], box_masks).mean()
-        sim = self._color_similarity(batch, stride, (h, w))[img_idx]
+            return {"loss_proj": zero, "loss_pairwise": zero}, extras
+        loss_proj = boxinst_loss.projection_loss(logits.sigmoid()[:, 0], box_masks).mean()
         loss_pair = boxinst_loss.pairwise_loss(
-            logits, sim, box_masks, self.cfg.loss.pairwise_color_thresh, self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation
+            logits, sim[inst["image"]], box_masks, self.cfg.loss.pairwise_color_thresh,
+            self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation,
         )
-        return {"loss_proj": loss_proj, "loss_pairwise": loss_pair}
+        return {"loss_proj": loss_proj, "loss_pairwise": loss_pair}, extras
 
     def _color_similarity(self, batch: dict, stride: int, hw: tuple[int, int]) -> torch.Tensor:
         """LAB colour similarity of each image at mask resolution, with padding and the bottom rows removed."""
@@ -175,20 +199,16 @@ class CondInst(nn.Module):
     def inference(self, batch: dict) -> list[dict[str, torch.Tensor]]:
         m = self.cfg.model
         images = batch["images"]
-        feats, head, mask_feats = self._features(images)
-        locations, levels = self._locations(head)
-        cls = self._flatten(head["cls"]).sigmoid()
-        reg = self._flatten(head["reg"])
-        ctr = self._flatten(head["ctr"])[..., 0].sigmoid()
-        params = self._flatten(head["params"])
-        soi = torch.tensor(self.soi, device=images.device)
+        out = self.head_outputs(images)
+        locations, reg = out["locations"], out["reg"]
+        cls = out["cls"].sigmoid()
+        ctr = out["ctr"].sigmoid()
         results = []
         for i, ((ih, iw), (oh, ow)) in enumerate(zip(batch["image_sizes"], batch["orig_sizes"])):
             scores = cls[i] * ctr[i][:, None]  # threshold with centerness, as CondInst
             cand_loc, cand_cls, cand_score = [], [], []
             start = 0
-            for lvl, t in enumerate(head["cls"]):
-                n = t.shape[-2] * t.shape[-1]
+            for n in out["level_sizes"]:
                 s = scores[start : start + n]
                 keep = torch.nonzero(s > m.score_thresh)
                 if keep.shape[0] > m.pre_nms_topk:
@@ -206,10 +226,7 @@ class CondInst(nn.Module):
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ih)
             keep = batched_nms(boxes.float(), sc.float(), labels, m.nms_thresh)[: m.detections_per_image]
             loc_idx, labels, sc, boxes = loc_idx[keep], labels[keep], sc[keep], boxes[keep]
-            logits = self.mask_head(
-                mask_feats[i : i + 1], self.strides[0], params[i, loc_idx], torch.zeros_like(loc_idx),
-                locations[loc_idx], soi[levels[loc_idx]], m.mask_out_stride,
-            )
+            logits = self.instance_mask_logits(out, torch.full_like(loc_idx, i), loc_idx)
             masks = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
             scale = torch.tensor([ow / iw, oh / ih, ow / iw, oh / ih], device=boxes.device)
             results.append({"boxes": boxes.float() * scale, "scores": sc.float(), "labels": labels, "masks": masks})

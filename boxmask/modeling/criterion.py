@@ -6,10 +6,20 @@ import torch
 from ..config import Config
 
 
+def pseudo_weight(cfg: Config, iteration: int) -> float:
+    """lambda1 after SIM's warm-up (a fraction of the schedule), with an optional linear ramp."""
+    start = cfg.sim.warmup_frac * cfg.solver.max_iters
+    if cfg.method != "sim" or iteration < start:
+        return 0.0
+    ramp = cfg.sim.ramp_frac * cfg.solver.max_iters
+    return cfg.sim.pseudo_weight * (min((iteration - start) / ramp, 1.0) if ramp > 0 else 1.0)
+
+
 def loss_weights(cfg: Config, iteration: int) -> dict[str, float]:
     """Weight of every loss term at ``iteration`` (ramps are fractions of ``solver.max_iters``)."""
     warm = max(cfg.loss.pairwise_warmup_frac * cfg.solver.max_iters, 1.0)
     return {
+        "loss_pseudo": cfg.loss.mask_weight * pseudo_weight(cfg, iteration),
         "loss_cls": 1.0,
         "loss_box": 1.0,
         "loss_ctr": 1.0,

@@ -1,0 +1,1 @@
+"""SIM (CVPR 2023) training-only components. Nothing here runs at inference."""

@@ -1,0 +1,54 @@
+"""Fusion of the semantic and instance maps into a pseudo mask, its thresholds, and the pseudo loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+
+def fuse(m_s: torch.Tensor | None, m_i: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """P = (1 - alpha) M_S + alpha M_I (a missing map drops out)."""
+    if m_s is None:
+        return m_i
+    if m_i is None:
+        return m_s
+    return (1.0 - alpha) * m_s + alpha * m_i
+
+
+def adaptive_high_threshold(prob: torch.Tensor, box: torch.Tensor, n_pos: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Per object: the in-box value of ``prob`` at rank ``n_pos`` (descending), clamped to [lo, hi].
+
+    The foreground area then follows the confident area of the instance map, re-ranked by the fused score."""
+    g = prob.shape[0]
+    vals = torch.where(box > 0, prob, torch.full_like(prob, -1.0)).flatten(1)
+    ordered = vals.sort(dim=1, descending=True).values
+    rank = (n_pos.long() - 1).clamp(min=0, max=ordered.shape[1] - 1)
+    t = ordered[torch.arange(g, device=prob.device), rank]
+    t = torch.where(n_pos > 0, t, torch.full_like(t, hi))
+    return t.clamp(lo, hi)
+
+
+def pseudo_targets(prob: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor, tau_low: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target M_hat = (P > tau_high) in the box; weight 1 on confident pixels (P > tau_high or
+    P < tau_low) inside the box, 0 in the ignore band and outside the box."""
+    high = prob > tau_high[:, None, None]
+    target = (high & (box > 0)).float()
+    weight = ((high | (prob < tau_low)) & (box > 0)).float()
+    return target, weight
+
+
+def pseudo_mask_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str = "bce_dice") -> torch.Tensor:
+    """Per-instance loss on the confident pixels: BCE (mean over them) + Dice (over them); ``focal`` is
+    the released code's focal-only form, normalised by the weight sum. Returns [N]."""
+    logits = logits.float()
+    if kind == "focal":
+        fl = sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="none")
+        return (fl * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) + 1.0)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+    p = torch.sigmoid(logits) * weight
+    t = target * weight
+    dice = 1.0 - 2.0 * (p * t).flatten(1).sum(1) / ((p * p).flatten(1).sum(1) + (t * t).flatten(1).sum(1) + 1e-5)
+    # Dice is constant (1) for an object with no confident foreground: leave it out there.
+    dice = dice * (t.flatten(1).sum(1) > 0).float()
+    return (bce + dice) * (weight.flatten(1).sum(1) > 0).float()

@@ -1,0 +1,29 @@
+"""Self-correction: merge the masks of each object's positive samples, weighted by their box quality."""
+from __future__ import annotations
+
+import torch
+from torchvision.ops import box_iou
+
+
+def positive_weights(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, group: torch.Tensor, num_groups: int,
+                     mu: float = 5.0, mode: str = "iou") -> torch.Tensor:
+    """Weights of the positives of each object (they sum to 1 per object).
+
+    ``iou``: softmax over the object's positives of mu * IoU(predicted box, GT box) (paper, Eq. 6);
+    ``mean``: uniform (the released code)."""
+    if mode == "mean" or pred_boxes.shape[0] == 0:
+        logits = torch.zeros(group.shape[0], device=group.device)
+    else:
+        iou = box_iou(pred_boxes.float(), gt_boxes.float()).diagonal()
+        logits = mu * iou
+    # softmax within groups: subtract each group's max for stability
+    gmax = torch.full((num_groups,), -1e9, device=group.device).scatter_reduce(0, group, logits, "amax")
+    e = torch.exp(logits - gmax[group])
+    denom = torch.zeros(num_groups, device=group.device).index_add_(0, group, e)
+    return e / denom[group].clamp_min(1e-12)
+
+
+def merge_masks(probs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Weighted sum of per-positive mask probabilities [N, h, w] into per-object maps [G, h, w]."""
+    out = torch.zeros(num_groups, *probs.shape[1:], device=probs.device, dtype=probs.dtype)
+    return out.index_add_(0, group, probs * weights.to(probs.dtype)[:, None, None])

@@ -1,0 +1,38 @@
+"""The EMA (momentum) teacher: a deep copy of the student, updated after every optimiser step."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+class EMATeacher(nn.Module):
+    def __init__(self, student: nn.Module, momentum: float = 0.9999):
+        super().__init__()
+        self.model = copy.deepcopy(student)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.momentum = momentum
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        # The teacher always runs with its (copied) BN statistics, never batch statistics.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """theta' <- m theta' + (1 - m) theta; buffers (BN statistics) are copied from the student."""
+        m = self.momentum
+        s_params = dict(student.named_parameters())
+        for name, p in self.model.named_parameters():
+            p.mul_(m).add_(s_params[name].detach(), alpha=1.0 - m)
+        s_bufs = dict(student.named_buffers())
+        for name, b in self.model.named_buffers():
+            b.copy_(s_bufs[name])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model.head_outputs(images)
