@@ -161,3 +161,32 @@ def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, caps
     assert "SIM pseudo masks mIoU" in capsys.readouterr().out
     q = json.loads((tmp_path / "m.json").read_text())["gt_box_masks"]
     assert 0.0 <= q["pseudo_mIoU"] <= 1.0 and 0.0 <= q["model_mIoU"] <= 1.0 and q["covered"] > 0
+
+
+def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        protos = Prototypes(2, 3, 4)
+        protos.protos.copy_(F.normalize(torch.full((2, 3, 4), float(rank + 1)) + torch.arange(4.0) * rank, dim=-1))
+        protos.sync()
+        torch.save(protos.protos, f"{out_dir}/p{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_prototypes_are_averaged_across_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    p0, p1 = torch.load(tmp_path / "p0.pt"), torch.load(tmp_path / "p1.pt")
+    assert torch.equal(p0, p1)
+    a = F.normalize(torch.full((2, 3, 4), 1.0), dim=-1)
+    b = F.normalize(torch.full((2, 3, 4), 2.0) + torch.arange(4.0), dim=-1)
+    assert torch.allclose(p0, F.normalize((a + b) / 2, dim=-1), atol=1e-6)

@@ -182,3 +182,16 @@ def test_pycocotools_loads(dataset: dict[str, Path]) -> None:
 def test_bad_args_raise(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         generate(tmp_path / "bad", show_progress=False, **kwargs)
+
+
+def test_hard_case_val_sets(tmp_path):
+    from boxmask.data.synth import HARD_CASES
+
+    paths = generate(tmp_path, num_train=2, num_val=20, size=64, seed=3, show_progress=False)
+    val = json.loads(paths["val"].read_text())
+    for case in HARD_CASES:
+        sub = json.loads(paths[f"val_{case}"].read_text())
+        ids = {im["id"] for im in sub["images"]}
+        assert ids and ids == {im["id"] for im in val["images"] if case in im["hard_cases"]}
+        assert all(a["image_id"] in ids for a in sub["annotations"])
+        assert len(sub["annotations"]) == sum(a["image_id"] in ids for a in val["annotations"])
