@@ -33,8 +33,20 @@ VARIANTS = {
     "boxinst": ("boxinst", "train.json", []),
     # CondInst's original controller init, to show why the mask head starts late without ours.
     "boxinst-condinst-init": ("boxinst", "train.json", ["model.mask_head_init=condinst"]),
+    # The COCO recipe's optimiser and fixed-length warm-ups (SGD 0.01, 1000-iteration LR warm-up, 10k-iteration
+    # pairwise ramp, steps at 60k/80k) with CondInst's init, on the same short budget.
+    "boxinst-coco-recipe": ("boxinst", "train.json", [
+        "model.mask_head_init=condinst", "solver.optimizer=sgd", "solver.lr=0.01", "solver.warmup_iters=1000",
+        "solver.warmup_factor=0.001", "solver.scheduler=step", "solver.steps=[60000,80000]",
+        "loss.pairwise_warmup_frac=16.667"]),
+    # The same SGD and CondInst init, with the warm-ups and LR steps as fractions of this budget.
+    "boxinst-sgd-scaled-warmups": ("boxinst", "train.json", [
+        "model.mask_head_init=condinst", "solver.optimizer=sgd", "solver.lr=0.01", "solver.warmup_iters=50",
+        "solver.warmup_factor=0.001", "solver.scheduler=step", "solver.steps=[0.667,0.889]"]),
     "sim-no-self-correction": ("sim", "train.json", ["sim.self_correction=false"]),
     "sim": ("sim", "train.json", []),
+    # the paper's temperature in M_S (the default 1.0 is the released code's)
+    "sim-tau0.1": ("sim", "train.json", ["sim.tau=0.1"]),
     "full": ("full", "train_full.json", []),
 }
 
@@ -92,6 +104,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT.parent / "configs" / "tiny.yaml"))
     ap.add_argument("--name", default="mask_learning")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--summary-only", action="store_true", help="rebuild the tables from the variants already run")
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every variant")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -107,7 +120,7 @@ def main() -> None:
         full["annotations"] = [a for a in full["annotations"] if a["image_id"] in keep]
         atomic_write_text(data / "train_full_sub.json", json.dumps(full))
     per_variant = ROOT / "work" / "results" / args.name
-    for name in args.variants.split(","):
+    for name in [] if args.summary_only else args.variants.split(","):
         res = run_variant(name, data, args)
         atomic_write_text(per_variant / f"{name}.json", json.dumps(res, indent=2))
     runs = {n: json.loads((per_variant / f"{n}.json").read_text()) for n in VARIANTS if (per_variant / f"{n}.json").is_file()}
@@ -132,7 +145,9 @@ def to_markdown(results: dict) -> str:
         "",
         f"Data: `boxmask synth` {d['num_train']} train / {d['num_val']} val images, {d['size']} px, seed {d['seed']}; "
         f"{results['iters']} iterations for every variant; {results['threads']} CPU thread(s) per run; overrides: "
-        f"{results['overrides'] or 'none'}. AP is COCO AP from pycocotools on the val split.",
+        f"{results['overrides'] or 'none'}. AP is COCO AP from pycocotools on the val split. "
+        "s / iteration is the wall time of these runs, data loading included, and runs may have shared the "
+        "machine: `step_time.py` compares methods on identical batches.",
         "",
         "## Learning curves",
         "",

@@ -302,7 +302,11 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
                        sec_per_iter=(now - t_last) / count)
             write_metrics(rec)
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in rec.items() if k.startswith("loss")})
-            log.debug("iteration %d: %s", it, rec)
+            # Without a progress bar, the log carries the progress.
+            (log.debug if progress else log.info)(
+                "iteration %d/%d  %s  lr %.2e  %.2f s/it", it, s.max_iters,
+                "  ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in rec.items() if k.startswith("loss")),
+                rec["lr"], rec["sec_per_iter"])
             sums, count, t_last = {}, 0, now
         if it % cfg.checkpoint_period == 0 and it < s.max_iters:
             checkpoint(it)

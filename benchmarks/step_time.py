@@ -1,0 +1,86 @@
+"""Seconds per training step for each method on identical batches (tiny preset, CPU).
+
+    python benchmarks/step_time.py [--steps 20] [--methods boxinst,sim,full]
+
+Runs the methods one after the other in one process on the same pre-loaded batches (data loading
+excluded), after 3 warm-up steps, and writes ``benchmarks/results/step_time.json`` and ``.md``.
+Run it on an otherwise idle machine: it measures wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from boxmask.config import load_config
+from boxmask.data.batch import TrainDataset, TrainSampler, collate
+from boxmask.data.coco import CocoDataset
+from boxmask.data.synth import generate
+from boxmask.engine.checkpoint import atomic_write_text
+from boxmask.engine.trainer import build_model, build_optimizer
+from boxmask.modeling.criterion import total_loss
+from boxmask.modeling.sim.method import SIM
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--methods", default="boxinst,sim,full")
+    ap.add_argument("--config", default=str(ROOT.parent / "configs" / "tiny.yaml"))
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = ROOT / "work" / "synth_step_time"
+    if not (data / "train_full.json").is_file():
+        generate(data, 64, 4, 128, 0, show_progress=False)
+    rows = {}
+    for method in args.methods.split(","):
+        cfg = load_config(args.config, [f"method={method}", "device=cpu"])
+        ds = CocoDataset(data / "train_full.json", data / "images")
+        td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, method == "full")
+        sampler = TrainSampler(len(ds), cfg.solver.ims_per_batch, 0)
+        batches = [collate([td[k] for k in sampler.batch_for(i)]) for i in range(args.steps + 3)]
+        torch.manual_seed(0)
+        model = build_model(cfg, len(ds.cat_ids)).train()
+        sim = SIM(cfg, model, len(ds.cat_ids)) if method == "sim" else None
+        opt = build_optimizer(model, cfg)
+        it = cfg.solver.max_iters  # after every warm-up: all loss terms on
+        times = []
+        for i, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            if sim is None:
+                losses = model(batch)
+            else:
+                losses, aux = model.forward_train(batch, return_aux=True)
+                losses.update(sim.losses(batch, aux, pseudo_on=True)[0])
+            loss = total_loss(losses, cfg, it)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sim is not None:
+                sim.after_step(model)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        rows[method] = {"median_s": times[len(times) // 2], "mean_s": sum(times) / len(times)}
+        print(method, rows[method], flush=True)
+    base = rows.get("boxinst", {}).get("median_s")
+    result = {"config": Path(args.config).name, "steps": args.steps, "threads": torch.get_num_threads(), "methods": rows}
+    lines = [f"# Training step time ({result['config']}, CPU, {result['threads']} threads, {args.steps} steps, batches pre-loaded)",
+             "", "| method | median s / step | mean s / step | vs boxinst |", "|---|---|---|---|"]
+    for m, r in rows.items():
+        rel = f"{r['median_s'] / base:.2f}x" if base else "-"
+        lines.append(f"| {m} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {rel} |")
+    atomic_write_text(ROOT / "results" / "step_time.json", json.dumps(result, indent=2))
+    atomic_write_text(ROOT / "results" / "step_time.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
