@@ -22,11 +22,7 @@ def _train(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if metrics:
-        from .evaluation.coco_eval import format_table
-
-        print(format_table(metrics))
+    train(cfg, resume=args.resume, progress=not args.no_progress)  # logs the final evaluation table
     print(f"run folder: {cfg.out}")
     return 0
 

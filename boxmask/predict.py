@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
@@ -37,6 +39,21 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
+def readable(image: np.ndarray, det: dict, score_thresh: float, min_side: int = 512) -> tuple[np.ndarray, dict]:
+    """Small images are drawn at an integer upscale (nearest) so that labels stay legible; only the
+    detections that will be drawn are kept."""
+    keep = det["scores"] >= score_thresh
+    det = {k: v[keep] for k, v in det.items()}
+    s = max(1, math.ceil(min_side / max(image.shape[:2])))
+    if s == 1:
+        return image, det
+    image = np.repeat(np.repeat(image, s, axis=0), s, axis=1)
+    det["boxes"] = det["boxes"] * s
+    if "masks" in det:
+        det["masks"] = det["masks"].repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    return image, det
+
+
 @torch.no_grad()
 def predict_images(model, state: dict, inputs: list[str | Path], out_dir: str | Path, device: torch.device,
                    score_thresh: float = 0.3, progress: bool = True) -> Path:
@@ -59,7 +76,7 @@ def predict_images(model, state: dict, inputs: list[str | Path], out_dir: str | 
         for r in detections_to_coco(image_id, det, label_to_cat):
             r["file_name"] = path.name
             results.append(r)
-        save_png(out_dir / f"{path.stem}.png", draw_instances(image, det, class_names, score_thresh=score_thresh))
+        save_png(out_dir / f"{path.stem}.png", draw_instances(*readable(image, det, score_thresh), class_names, score_thresh=score_thresh))
     json_path = out_dir / "results.json"
     atomic_write_text(json_path, json.dumps(results))
     return json_path
