@@ -27,6 +27,8 @@ class CondInst(nn.Module):
         self.method = cfg.method
         self.num_classes = num_classes
         self.strides = list(m.fpn_strides)
+        # Relative coordinates of level i are divided by its size of interest: the upper bound of its
+        # object-size range, and twice the last bound for the open-ended top level (CondInst: 64 ... 1024).
         self.soi = [float(s) for s in m.sizes_of_interest[: len(self.strides) - 1]] + [float(m.sizes_of_interest[-1] * 2)]
         self.size_ranges = level_size_ranges(m.sizes_of_interest, len(self.strides))
         self.backbone = Backbone(m)
@@ -164,9 +166,9 @@ class CondInst(nn.Module):
         if self.method == "full":
             if logits.shape[0] == 0:
                 return {"loss_mask": logits.sum() * 0.0}, {}
-            gt = batch["gt_masks_padded"]  # list of [G, H, W] per image, padded to the batch canvas
-            tgt = torch.stack([gt[i][g] for i, g in zip(inst["image"].tolist(), inst["gt"].tolist())])
-            tgt = tgt[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].float()
+            # per-image [G, H, W] masks padded to the batch canvas, sampled at the mask grid's centres
+            gt = torch.cat(batch["gt_masks_padded"])[:, stride // 2 :: stride, stride // 2 :: stride]
+            tgt = gt[inst["gt_global"]][:, :h, :w].float()
             return {"loss_mask": boxinst_loss.dice_loss(logits.sigmoid()[:, 0], tgt).mean()}, {}
         box_masks = box_masks_on_grid(inst["box"], h, w, stride)
         sim = self._color_similarity(batch, stride, (h, w))
