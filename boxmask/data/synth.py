@@ -1,0 +1,429 @@
+"""Deterministic procedural dataset for box-supervised instance segmentation.
+
+Every image shows a few flat-coloured shapes (the classes) on a gradient
+background with large unannotated "stuff" patches.  Two situations in which a
+colour-affinity pairwise loss is known to fail are injected on purpose:
+
+* ``near_colour``: an object borders a region (a stuff patch or an object of
+  another class) whose colour differs by only a few RGB units;
+* ``same_class_overlap``: two instances of the same class overlap, the later
+  one occluding the earlier one.
+
+Three COCO files are written: ``train.json`` (boxes only, no ``segmentation``
+key, as a box-supervised learner must see it), ``train_full.json`` (the same
+images and annotation ids plus RLE masks, for oracle baselines and analysis)
+and ``val.json`` (separate images with masks).  Each image entry carries a
+``hard_cases`` list naming the hard cases verified present in that image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+
+HARD_NEAR_COLOUR = "near_colour"
+HARD_SAME_CLASS_OVERLAP = "same_class_overlap"
+
+MIN_VISIBLE_AREA = 30  # px; smaller remnants are not meaningful instances
+MIN_VISIBLE_FRACTION = 0.25  # heavily occluded objects are dropped
+NEAR_COLOUR_MAX_DELTA = 10.0  # L2 distance in RGB that counts as "nearly the same colour"
+
+# Probabilities of injecting each hard case into an image.  Some injected
+# cases are lost to occlusion or dropping, so these are set above the target
+# frequency (>= 30 % of images each).
+_P_SAME_CLASS = 0.55
+_P_NEAR_COLOUR = 0.6
+_SPLIT_KEYS = {"train": 0, "val": 1}  # child-seed namespace per split
+_SHIFT = 4  # cv2 sub-pixel bits, so small shapes keep their exact geometry
+_SCALE = 1 << _SHIFT
+
+
+@dataclass
+class _Obj:
+    """One object instance before rasterisation order is applied."""
+
+    cls: int  # index into CLASS_NAMES
+    cx: float
+    cy: float
+    s: float  # nominal extent (diameter) in px
+    angle: float  # radians
+    colour: np.ndarray  # float RGB, shape (3,)
+    mask: np.ndarray  # full (unoccluded) bool mask, shape (H, W)
+
+
+# --------------------------------------------------------------------------- rasterisation
+
+
+def _fill_poly(canvas: np.ndarray, pts: np.ndarray) -> None:
+    """Fill a float polygon with sub-pixel precision (value 1)."""
+    ipts = np.round(pts * _SCALE).astype(np.int32).reshape(-1, 1, 2)
+    cv2.fillPoly(canvas, [ipts], 1, lineType=cv2.LINE_8, shift=_SHIFT)
+
+
+def _rotate(pts: np.ndarray, angle: float, cx: float, cy: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s], [s, c]])
+    return pts @ rot.T + np.array([cx, cy])
+
+
+def _shape_mask(cls: int, cx: float, cy: float, s: float, angle: float, h: int, w: int) -> np.ndarray:
+    """Full mask of a shape of class ``cls`` with extent ``s`` centred at (cx, cy)."""
+    canvas = np.zeros((h, w), np.uint8)
+    name = CLASS_NAMES[cls]
+    r = s / 2.0
+    if name == "circle":
+        cv2.circle(canvas, (int(round(cx * _SCALE)), int(round(cy * _SCALE))), int(round(r * _SCALE)), 1, -1,
+                   lineType=cv2.LINE_8, shift=_SHIFT)
+    elif name == "square":
+        a = 0.8 * r  # half side; keeps the area comparable to the circle of the same extent
+        pts = np.array([[-a, -a], [a, -a], [a, a], [-a, a]])
+        _fill_poly(canvas, _rotate(pts, angle, cx, cy))
+    elif name == "triangle":
+        rr = 1.1 * r  # circumradius; triangles look small otherwise
+        t = np.array([-np.pi / 2, np.pi / 6, 5 * np.pi / 6])
+        pts = np.stack([rr * np.cos(t), rr * np.sin(t)], axis=1)
+        _fill_poly(canvas, _rotate(pts, angle, cx, cy))
+    elif name == "cross":
+        a, e = 0.36 * r, r  # arm half-width, arm half-length
+        pts = np.array([[-a, -e], [a, -e], [a, -a], [e, -a], [e, a], [a, a],
+                        [a, e], [-a, e], [-a, a], [-e, a], [-e, -a], [-a, -a]])
+        _fill_poly(canvas, _rotate(pts, angle, cx, cy))
+    else:  # pragma: no cover - guarded by CLASS_NAMES
+        raise ValueError(f"unknown class {name!r}")
+    return canvas.astype(bool)
+
+
+def _patch_mask(rng: np.random.Generator, cx: float, cy: float, half_long: float, h: int, w: int) -> np.ndarray:
+    """An unannotated stuff region: elongated rotated rectangle or ellipse.
+
+    The aspect ratio is at least 1.8 so a patch never looks like an unlabelled
+    square or circle, which would teach the model to ignore real objects.
+    """
+    canvas = np.zeros((h, w), np.uint8)
+    hx, hy = half_long, half_long / rng.uniform(1.8, 3.0)
+    angle = float(rng.uniform(0, np.pi))
+    if rng.random() < 0.5:
+        pts = np.array([[-hx, -hy], [hx, -hy], [hx, hy], [-hx, hy]])
+        _fill_poly(canvas, _rotate(pts, angle, cx, cy))
+    else:
+        cv2.ellipse(canvas, (int(round(cx * _SCALE)), int(round(cy * _SCALE))),
+                    (int(round(hx * _SCALE)), int(round(hy * _SCALE))), float(np.degrees(angle)), 0, 360, 1, -1,
+                    lineType=cv2.LINE_8, shift=_SHIFT)
+    return canvas.astype(bool)
+
+
+# --------------------------------------------------------------------------- colours
+
+
+def _random_colour(rng: np.random.Generator, avoid: list[np.ndarray], min_dist: float = 45.0) -> np.ndarray:
+    """A colour at least ``min_dist`` from every colour in ``avoid`` (best effort).
+
+    The range [20, 235] leaves room for the small near-colour offsets without clipping.
+    """
+    best, best_d = None, -1.0
+    for _ in range(20):
+        c = rng.uniform(20, 235, size=3)
+        d = min((float(np.linalg.norm(c - a)) for a in avoid), default=np.inf)
+        if d >= min_dist:
+            return c
+        if d > best_d:
+            best, best_d = c, d
+    return best  # type: ignore[return-value]
+
+
+def _near_colour(rng: np.random.Generator, c: np.ndarray) -> np.ndarray:
+    """A colour a few RGB units away from ``c`` (L2 distance in [3, 6])."""
+    v = rng.normal(size=3)
+    v /= np.linalg.norm(v) + 1e-9
+    return np.clip(c + v * rng.uniform(3.0, 6.0), 0, 255)
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def _size_range(size: int) -> tuple[float, float]:
+    # Objects span roughly 12-45 % of the image side; at least 8 px so they
+    # survive the minimum-area filter on tiny images.
+    return max(0.12 * size, 8.0), max(0.45 * size, 10.0)
+
+
+def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], list[str]]:
+    """Render one image; returns (RGB uint8 image, [(class, visible mask)], hard cases)."""
+    smin, smax = _size_range(h)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+
+    # Background: linear gradient between two colours.
+    c0 = rng.uniform(20, 235, 3)
+    c1 = np.clip(c0 + rng.normal(0, 40, 3), 0, 255)
+    th = rng.uniform(0, 2 * np.pi)
+    t = xx * np.cos(th) + yy * np.sin(th)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    clean = (c0[None, None] + (c1 - c0)[None, None] * t[..., None]).astype(np.float32)
+    bg_colours = [c0, c1]
+
+    # A couple of large flat unannotated stuff patches.
+    for _ in range(int(rng.integers(0, 3))):
+        pm = _patch_mask(rng, rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.3, 0.7) * h, h, w)
+        pc = _random_colour(rng, bg_colours, 30.0)
+        clean[pm] = pc
+        bg_colours.append(pc)
+
+    objs: list[_Obj] = []
+    groups: list[list[int]] = []  # indices into objs; paint order is decided per group
+
+    def centre(margin: float = 0.15) -> tuple[float, float]:
+        return float(rng.uniform(margin * w, (1 - margin) * w)), float(rng.uniform(margin * h, (1 - margin) * h))
+
+    def add(cls: int, cx: float, cy: float, s: float, colour: np.ndarray) -> int:
+        angle = 0.0 if CLASS_NAMES[cls] == "circle" else float(rng.uniform(0, 2 * np.pi))
+        objs.append(_Obj(cls, cx, cy, s, angle, colour, _shape_mask(cls, cx, cy, s, angle, h, w)))
+        return len(objs) - 1
+
+    def fresh_colour() -> np.ndarray:
+        return _random_colour(rng, bg_colours + [o.colour for o in objs])
+
+    n_total = int(rng.integers(1, 6))
+
+    # Hard case 2: two overlapping instances of the same class.
+    if rng.random() < _P_SAME_CLASS:
+        cls = int(rng.integers(len(CLASS_NAMES)))
+        s1 = float(rng.uniform(smin, smax))
+        s2 = float(np.clip(s1 * rng.uniform(0.8, 1.2), smin, smax))
+        cx, cy = centre(0.25)
+        d = rng.uniform(0.35, 0.7) * (s1 + s2) / 2
+        phi = rng.uniform(0, 2 * np.pi)
+        col1 = fresh_colour()
+        # Half the time the two instances also share (nearly) the same colour,
+        # so nothing but shape separates them.
+        col2 = _near_colour(rng, col1) if rng.random() < 0.5 else fresh_colour()
+        a = add(cls, cx, cy, s1, col1)
+        b = add(cls, cx + d * np.cos(phi), cy + d * np.sin(phi), s2, col2)
+        groups.append([a, b])
+
+    # Hard case 1: an object bordering a nearly same-coloured region that is not it.
+    if rng.random() < _P_NEAR_COLOUR:
+        cls = int(rng.integers(len(CLASS_NAMES)))
+        s = float(rng.uniform(smin, smax))
+        cx, cy = centre(0.25)
+        col = fresh_colour()
+        phi = rng.uniform(0, 2 * np.pi)
+        if rng.random() < 0.6:
+            # Stuff patch overlapping the object's side and extending beyond it;
+            # painted in the background layer, so the object sits on top of it.
+            d = rng.uniform(0.45, 0.7) * s
+            pm = _patch_mask(rng, cx + d * np.cos(phi), cy + d * np.sin(phi), rng.uniform(0.7, 1.3) * s, h, w)
+            clean[pm] = _near_colour(rng, col)
+            groups.append([add(cls, cx, cy, s, col)])
+        else:
+            # A touching object of another class with nearly the same colour.
+            other = int((cls + rng.integers(1, len(CLASS_NAMES))) % len(CLASS_NAMES))
+            s2 = float(rng.uniform(smin, smax))
+            d = rng.uniform(0.38, 0.48) * (s + s2)
+            a = add(cls, cx, cy, s, col)
+            b = add(other, cx + d * np.cos(phi), cy + d * np.sin(phi), s2, _near_colour(rng, col))
+            groups.append([a, b])
+
+    # Fillers: random objects placed where they overlap the others least.
+    used = sum(len(g) for g in groups)
+    for _ in range(max(0, n_total - used)):
+        cls = int(rng.integers(len(CLASS_NAMES)))
+        s = float(rng.uniform(smin, smax))
+        occupied = np.zeros((h, w), bool)
+        for o in objs:
+            occupied |= o.mask
+        best = None
+        for _ in range(6):
+            cx, cy = centre(0.1)
+            angle = 0.0 if CLASS_NAMES[cls] == "circle" else float(rng.uniform(0, 2 * np.pi))
+            m = _shape_mask(cls, cx, cy, s, angle, h, w)
+            overlap = int((m & occupied).sum())
+            if best is None or overlap < best[0]:
+                best = (overlap, cx, cy, angle, m)
+            if overlap == 0:
+                break
+        assert best is not None
+        objs.append(_Obj(cls, best[1], best[2], s, best[3], fresh_colour(), best[4]))
+        groups.append([len(objs) - 1])
+
+    # Paint order: groups shuffled (so hard cases are not always on top),
+    # order inside a group kept (the later one occludes the earlier one).
+    order = [k for gi in rng.permutation(len(groups)) for k in groups[int(gi)]]
+
+    # Drop objects that end up too small or too occluded.  Removing an object
+    # only uncovers the ones painted before it, so dropping the topmost failing
+    # object first and re-checking never removes more than necessary.
+    keep = set(order)
+    while True:
+        owner = np.full((h, w), -1, np.int32)
+        for k in order:
+            if k in keep:
+                owner[objs[k].mask] = k
+        failing = []
+        for k in order:
+            if k not in keep:
+                continue
+            full = int(objs[k].mask.sum())
+            vis = int((owner == k).sum())
+            if vis < MIN_VISIBLE_AREA or vis < MIN_VISIBLE_FRACTION * full:
+                failing.append(k)
+        if not failing:
+            break
+        keep.discard(failing[-1])
+
+    kept = [k for k in order if k in keep]
+    for k in kept:
+        clean[objs[k].mask] = objs[k].colour
+    # Object mask pixels were painted in order, so `clean` now equals the final
+    # noiseless image and `owner` holds each pixel's visible object.
+
+    hard: list[str] = []
+    kernel = np.ones((3, 3), np.uint8)
+    for k in kept:
+        vis = owner == k
+        ring = cv2.dilate(vis.astype(np.uint8), kernel, iterations=2).astype(bool) & ~vis
+        dist = np.linalg.norm(clean[ring] - objs[k].colour[None], axis=1)
+        if int((dist < NEAR_COLOUR_MAX_DELTA).sum()) >= 3:
+            hard.append(HARD_NEAR_COLOUR)
+            break
+    for i, a in enumerate(kept):
+        if any(objs[a].cls == objs[b].cls and bool((objs[a].mask & objs[b].mask).any()) for b in kept[i + 1:]):
+            hard.append(HARD_SAME_CLASS_OVERLAP)
+            break
+
+    # Slight blur gives soft, camera-like edges; mild noise breaks flat regions.
+    img = cv2.GaussianBlur(clean, (3, 3), 0.6)
+    img += rng.normal(0.0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return img, [(objs[k].cls, owner == k) for k in kept], hard
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    _write_bytes_atomic(path, (json.dumps(obj) + "\n").encode("utf-8"))
+
+
+def _encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _tight_box(mask: np.ndarray) -> list[float]:
+    """[x, y, w, h] in pixel-edge coordinates: a 1-px object has w = h = 1."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
+
+
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    # Child seed keyed by (split, index): train image i is the same whatever
+    # num_train / num_val are.
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SPLIT_KEYS[split], index)))
+
+
+def _categories() -> list[dict[str, Any]]:
+    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
+
+
+HARD_CASES = (HARD_NEAR_COLOUR, HARD_SAME_CLASS_OVERLAP)
+
+
+def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: int = 128, seed: int = 0,
+             show_progress: bool = True) -> dict[str, Path]:
+    """Write OUT/images/*.png, OUT/train.json, OUT/train_full.json and OUT/val.json.
+
+    Images are ``size`` px high and between ``size`` and 1.25 * ``size`` px wide.
+    ``train.json`` has boxes only (its ``area`` is the box area, since a
+    box-supervised learner knows no mask); ``train_full.json`` and ``val.json``
+    carry RLE masks with ``area`` = mask area.  The output is byte-identical for
+    the same arguments.  ``val_near_colour.json`` and ``val_same_class_overlap.json``
+    hold the val images that show each hard case.  Returns the paths keyed
+    "train", "train_full", "val", "val_near_colour", "val_same_class_overlap", "images".
+    """
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("size", size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if num_train < 1:
+        raise ValueError(f"num_train must be >= 1, got {num_train}")
+    if num_val < 0:
+        raise ValueError(f"num_val must be >= 0, got {num_val}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32, got {size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+    out = Path(out_dir)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+
+    info = {"description": "boxmask synthetic shapes", "version": "1", "seed": int(seed), "size": int(size),
+            "classes": list(CLASS_NAMES)}
+    datasets: dict[str, dict[str, Any]] = {
+        key: {"info": {**info, "split": key}, "images": [], "annotations": [], "categories": _categories()}
+        for key in ("train", "train_full", "val")
+    }
+
+    jobs = [("train", i) for i in range(num_train)] + [("val", i) for i in range(num_val)]
+    ann_ids = {"train": 0, "val": 0}
+    for split, i in tqdm(jobs, desc="synth", unit="img", disable=not show_progress):
+        rng = _image_rng(int(seed), split, i)
+        w = int(size + rng.integers(0, size // 4 + 1))  # mild aspect variation
+        img, objects, hard = _render(rng, int(size), w)
+
+        file_name = f"{split}_{i:06d}.png"
+        ok, buf = cv2.imencode(".png", img[..., ::-1])  # cv2 expects BGR
+        if not ok:  # pragma: no cover - encoding a valid uint8 image does not fail
+            raise RuntimeError(f"PNG encoding failed for {file_name}")
+        _write_bytes_atomic(img_dir / file_name, buf.tobytes())
+
+        image = {"id": i + 1, "file_name": file_name, "width": w, "height": int(size), "hard_cases": hard}
+        full_key = "train_full" if split == "train" else "val"
+        datasets[full_key]["images"].append(image)
+        if split == "train":
+            datasets["train"]["images"].append(dict(image))
+
+        for cls, mask in objects:
+            ann_ids[split] += 1
+            box = _tight_box(mask)
+            ann = {"id": ann_ids[split], "image_id": i + 1, "category_id": cls + 1, "bbox": box, "iscrowd": 0}
+            datasets[full_key]["annotations"].append(
+                {**ann, "area": float(mask.sum()), "segmentation": _encode_rle(mask)})
+            if split == "train":
+                datasets["train"]["annotations"].append({**ann, "area": box[2] * box[3]})
+
+    # The val images showing each hard case, as separate val sets (same ids, same annotations).
+    for case in HARD_CASES:
+        keep = {im["id"] for im in datasets["val"]["images"] if case in im["hard_cases"]}
+        datasets[f"val_{case}"] = {
+            **datasets["val"], "info": {**info, "split": f"val_{case}"},
+            "images": [im for im in datasets["val"]["images"] if im["id"] in keep],
+            "annotations": [a for a in datasets["val"]["annotations"] if a["image_id"] in keep],
+        }
+    paths = {key: out / f"{key}.json" for key in datasets}
+    for key, path in paths.items():
+        _write_json(path, datasets[key])
+    return {**paths, "images": img_dir}
