@@ -24,7 +24,7 @@ import torch
 from boxmask.config import load_config
 from boxmask.data.coco import CocoDataset
 from boxmask.data.synth import HARD_CASES, generate
-from boxmask.engine.checkpoint import atomic_write_text
+from boxmask.atomic_io import atomic_write_text
 from boxmask.engine.trainer import evaluate_model, model_from_checkpoint, sim_from_checkpoint, train
 
 ROOT = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ from boxmask.config import load_config
 from boxmask.data.batch import TrainDataset, TrainSampler, collate
 from boxmask.data.coco import CocoDataset
 from boxmask.data.synth import generate
-from boxmask.engine.checkpoint import atomic_write_text
+from boxmask.atomic_io import atomic_write_text
 from boxmask.engine.trainer import build_model, build_optimizer
 from boxmask.modeling.criterion import total_loss
 from boxmask.modeling.sim.method import SIM

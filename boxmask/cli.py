@@ -29,7 +29,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .data.coco import CocoDataset
-    from .engine.checkpoint import atomic_write_text
+    from .atomic_io import atomic_write_text
     from .engine.trainer import evaluate_model, model_from_checkpoint, resolve_device, sim_from_checkpoint
     from .evaluation.coco_eval import format_table
 

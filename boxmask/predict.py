@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .data.batch import batch_to, collate
 from .data.coco import DatasetError, load_image
 from .data.transforms import apply_transforms
-from .engine.checkpoint import atomic_write_text
+from .atomic_io import atomic_write_text
 from .evaluation.coco_eval import detections_to_coco
 from .visualize import draw_instances, save_png
 

@@ -7,12 +7,13 @@ module can be used from plotting scripts without pulling the model code in.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic_io import atomic_write_bytes
 
 __all__ = ["PALETTE", "draw_instances", "side_by_side", "save_png"]
 
@@ -180,17 +181,4 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     arr = _to_numpy(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"image must be uint8, got {arr.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(arr).save(fh, format="PNG")
-        # mkstemp creates 0600 files; give the PNG normal read permissions.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, lambda fh: Image.fromarray(arr).save(fh, format="PNG"))

@@ -19,8 +19,6 @@ and ``val.json`` (separate images with masks).  Each image entry carries a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
+
+from ..atomic_io import atomic_write_bytes, atomic_write_text
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
@@ -311,20 +311,8 @@ def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[
 # --------------------------------------------------------------------------- I/O
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _write_bytes_atomic(path, (json.dumps(obj) + "\n").encode("utf-8"))
+    atomic_write_text(path, json.dumps(obj) + "\n")
 
 
 def _encode_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -398,7 +386,7 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
         ok, buf = cv2.imencode(".png", img[..., ::-1])  # cv2 expects BGR
         if not ok:  # pragma: no cover - encoding a valid uint8 image does not fail
             raise RuntimeError(f"PNG encoding failed for {file_name}")
-        _write_bytes_atomic(img_dir / file_name, buf.tobytes())
+        atomic_write_bytes(img_dir / file_name, lambda f: f.write(buf.tobytes()))
 
         image = {"id": i + 1, "file_name": file_name, "width": w, "height": int(size), "hard_cases": hard}
         full_key = "train_full" if split == "train" else "val"

@@ -1,38 +1,16 @@
 """Checkpoints: atomic writes, the pointer to the last one, validated loading."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic_io import atomic_write_bytes, atomic_write_text
+
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(run_dir: str | Path, name: str, state: dict[str, Any], keep: int = 2) -> Path:

@@ -24,7 +24,8 @@ from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_datase
 from ..modeling.condinst import CondInst
 from ..modeling.criterion import pseudo_weight, total_loss
 from ..modeling.sim.method import SIM
-from .checkpoint import CheckpointError, atomic_write_text, last_checkpoint, load_checkpoint, save_checkpoint
+from ..atomic_io import atomic_write_text
+from .checkpoint import CheckpointError, last_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("boxmask")
 
