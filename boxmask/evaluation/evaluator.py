@@ -59,7 +59,8 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
     """Mean IoU against the GT masks of the masks made for each GT box, on the mask grid: the model's
     (its positives' masks merged with the self-correction weights) and, for SIM, the pseudo mask M_hat."""
     from ..data.batch import EvalDataset
-    from ..modeling.sim.self_correction import merge_masks, positive_weights
+    from ..modeling.condinst import gt_masks_on_grid
+    from ..modeling.sim.self_correction import merge_per_object
 
     stride = cfg.model.mask_out_stride
     loader = DataLoader(EvalDataset(dataset, cfg.data.min_size_test, cfg.data.max_size, with_targets=True),
@@ -77,15 +78,14 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
             if inst["image"].numel() == 0:
                 continue
             h, w = aux["mask_logits"].shape[-2:]
-            gt = torch.cat(batch["gt_masks_padded"])[:, stride // 2 :: stride, stride // 2 :: stride][:, :h, :w].bool()
+            gt = gt_masks_on_grid(batch, stride, (h, w)).bool()
             if sim is not None:
                 pm = sim.pseudo_masks(batch, aux)
                 groups, student = pm["groups"], pm["student"]
                 ious["pseudo"].extend(_iou(pm["target"] > 0, gt[groups]).tolist())
             else:
-                groups, group = torch.unique(inst["gt_global"], return_inverse=True)
-                wts = positive_weights(inst["pred_box"], inst["box"], group, groups.numel(), cfg.sim.mu, cfg.sim.weighting)
-                student = merge_masks(aux["mask_logits"].float().sigmoid()[:, 0], wts, group, groups.numel())
+                groups, _, _, student = merge_per_object(inst, aux["mask_logits"].float().sigmoid()[:, 0],
+                                                         cfg.sim.mu, cfg.sim.weighting)
             ious["model"].extend(_iou(student > cfg.model.mask_thresh, gt[groups]).tolist())
     finally:
         model.train(was_training)

@@ -166,9 +166,7 @@ class CondInst(nn.Module):
         if self.method == "full":
             if logits.shape[0] == 0:
                 return {"loss_mask": logits.sum() * 0.0}, {}
-            # per-image [G, H, W] masks padded to the batch canvas, sampled at the mask grid's centres
-            gt = torch.cat(batch["gt_masks_padded"])[:, stride // 2 :: stride, stride // 2 :: stride]
-            tgt = gt[inst["gt_global"]][:, :h, :w].float()
+            tgt = gt_masks_on_grid(batch, stride, (h, w))[inst["gt_global"]].float()
             return {"loss_mask": boxinst_loss.dice_loss(logits.sigmoid()[:, 0], tgt).mean()}, {}
         box_masks = box_masks_on_grid(inst["box"], h, w, stride)
         sim = self._color_similarity(batch, stride, (h, w))
@@ -242,6 +240,13 @@ def box_masks_on_grid(boxes: torch.Tensor, h: int, w: int, stride: int) -> torch
     in_x = (xs[None] > boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])
     in_y = (ys[None] > boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])
     return (in_y[:, :, None] & in_x[:, None, :]).float()
+
+
+def gt_masks_on_grid(batch: dict, stride: int, hw: tuple[int, int]) -> torch.Tensor:
+    """All GT masks of the batch (per-image masks padded to the canvas, concatenated in target order)
+    sampled at the mask grid's cell centres: [G, h, w]."""
+    gt = torch.cat(batch["gt_masks_padded"])[:, stride // 2 :: stride, stride // 2 :: stride]
+    return gt[:, : hw[0], : hw[1]]
 
 
 def paste_masks(logits: torch.Tensor, stride: int, image_size: tuple[int, int], orig_size: tuple[int, int], thresh: float) -> torch.Tensor:

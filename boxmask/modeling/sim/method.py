@@ -15,7 +15,7 @@ from ..condinst import CondInst, box_masks_on_grid
 from ..dynamic_mask_head import aligned_bilinear
 from .prototypes import Prototypes
 from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
-from .self_correction import merge_masks, positive_weights
+from .self_correction import merge_masks, merge_per_object
 from .teacher import EMATeacher
 
 
@@ -45,17 +45,16 @@ class SIM(nn.Module):
         inst = aux["inst"]
         logits = aux["mask_logits"]
         h, w = logits.shape[-2:]
-        groups, group = torch.unique(inst["gt_global"], return_inverse=True)
-        num_g = groups.numel()
         t_out = self.teacher(batch["images"])
         t_probs = self.teacher.model.instance_mask_logits(t_out, inst["image"], inst["loc"]).float().sigmoid()[:, 0]
-        weights = positive_weights(inst["pred_box"], inst["box"], group, num_g, s.mu, s.weighting)
-        m_i = merge_masks(t_probs, weights, group, num_g)
+        groups, group, weights, m_i = merge_per_object(inst, t_probs, s.mu, s.weighting)
+        num_g = groups.numel()
         # per-object facts: image, class, box
         first = torch.zeros(num_g, dtype=torch.long, device=logits.device).scatter_(0, group, torch.arange(group.numel(), device=logits.device))
         g_img, g_cls, g_box = inst["image"][first], inst["label"][first], inst["box"][first]
         box = box_masks_on_grid(g_box, h, w, self.cfg.model.mask_out_stride)
-        z_t = F.normalize(self._upsampled(t_out["mask_feats"].float(), (h, w)), dim=1)
+        t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w))
+        z_t = F.normalize(t_feats, dim=1)
         m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau) if s.semantic else None
         fused = fuse(m_s, m_i if s.self_correction else None, s.alpha if s.semantic else 1.0)
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
@@ -64,7 +63,7 @@ class SIM(nn.Module):
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
         return {"groups": groups, "group": group, "image": g_img, "cls": g_cls, "box": box, "m_i": m_i, "m_s": m_s,
                 "fused": fused, "target": target, "weight": weight, "tau_high": tau_high, "student": student,
-                "teacher_out": t_out}
+                "teacher_feats": t_feats, "teacher_z": z_t}
 
     def losses(self, batch: dict, aux: dict, pseudo_on: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """SIM's loss terms (unweighted) and a few statistics for the log; updates the prototypes."""
@@ -82,7 +81,7 @@ class SIM(nn.Module):
         else:
             out["loss_pseudo"] = logits.sum() * 0.0
         if s.pairwise_feat_sim:
-            out["loss_pairwise"] = self._feature_pairwise(aux, pm["teacher_out"])
+            out["loss_pairwise"] = self._feature_pairwise(aux, pm["teacher_feats"])
         if s.semantic:
             self._update_prototypes(aux, pm)
         # fractions of in-box pixels that are pseudo foreground / ignored (tensors: no host sync here)
@@ -91,12 +90,11 @@ class SIM(nn.Module):
         stats["pseudo_ignored"] = 1 - pm["weight"].sum() / in_box
         return out, stats
 
-    def _feature_pairwise(self, aux: dict, t_out: dict) -> torch.Tensor:
-        """The released code's pairwise term: colour x teacher-feature similarity >= threshold."""
+    def _feature_pairwise(self, aux: dict, f: torch.Tensor) -> torch.Tensor:
+        """The released code's pairwise term: colour x teacher-feature similarity >= threshold
+        (``f``: the teacher's mask features at mask resolution, not normalised)."""
         lc = self.cfg.loss
         logits = aux["mask_logits"]
-        h, w = logits.shape[-2:]
-        f = self._upsampled(t_out["mask_feats"].float(), (h, w))
         diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
         feat_sim = torch.exp(-torch.linalg.vector_norm(diff, dim=1))
         sim = aux["color_sim"] * feat_sim
@@ -115,7 +113,7 @@ class SIM(nn.Module):
         else:
             sel = pm["target"] > 0
         z_s = F.normalize(self._upsampled(aux["out"]["mask_feats"].detach().float(), (h, w)), dim=1)
-        z_t = F.normalize(self._upsampled(pm["teacher_out"]["mask_feats"].float(), (h, w)), dim=1)
+        z_t = pm["teacher_z"]
         for c in pm["cls"].unique().tolist():
             objs = torch.nonzero(pm["cls"] == c).squeeze(1)
             m = sel[objs]  # [k, h, w]

@@ -27,3 +27,12 @@ def merge_masks(probs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
     """Weighted sum of per-positive mask probabilities [N, h, w] into per-object maps [G, h, w]."""
     out = torch.zeros(num_groups, *probs.shape[1:], device=probs.device, dtype=probs.dtype)
     return out.index_add_(0, group, probs * weights.to(probs.dtype)[:, None, None])
+
+
+def merge_per_object(inst: dict, probs: torch.Tensor, mu: float = 5.0, mode: str = "iou"):
+    """Group the mask-head instances by the object they belong to and merge their masks ``probs``
+    [N, h, w] with the positive weights. Returns (object ids (``gt_global``) [G], object index of each
+    instance [N], weights [N], merged maps [G, h, w])."""
+    groups, group = torch.unique(inst["gt_global"], return_inverse=True)
+    weights = positive_weights(inst["pred_box"], inst["box"], group, groups.numel(), mu, mode)
+    return groups, group, weights, merge_masks(probs, weights, group, groups.numel())
