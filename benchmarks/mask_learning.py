@@ -43,10 +43,18 @@ VARIANTS = {
     "boxinst-sgd-scaled-warmups": ("boxinst", "train.json", [
         "model.mask_head_init=condinst", "solver.optimizer=sgd", "solver.lr=0.01", "solver.warmup_iters=50",
         "solver.warmup_factor=0.001", "solver.scheduler=step", "solver.steps=[0.667,0.889]"]),
-    "sim-no-self-correction": ("sim", "train.json", ["sim.self_correction=false"]),
-    "sim": ("sim", "train.json", []),
+    # SIM's core: teacher, prototypes, self-correction, no copy-paste
+    "sim-no-self-correction": ("sim", "train.json", ["sim.copy_paste=false", "sim.self_correction=false"]),
+    "sim-no-copy-paste": ("sim", "train.json", ["sim.copy_paste=false"]),
     # the paper's temperature in M_S (the default 1.0 is the released code's)
-    "sim-tau0.1": ("sim", "train.json", ["sim.tau=0.1"]),
+    "sim-tau0.1": ("sim", "train.json", ["sim.copy_paste=false", "sim.tau=0.1"]),
+    # the teacher's EMA heads on the student's FPN features: no second backbone pass
+    "sim-student-backbone": ("sim", "train.json", ["sim.copy_paste=false", "sim.teacher_backbone=student"]),
+    # SIM with online copy-paste (the default method: sim)
+    "sim": ("sim", "train.json", []),
+    # the released code's copy-paste: bank of 50, half of the objects with replacement, score cubed
+    "sim-release-copy-paste": ("sim", "train.json", ["sim.bank_length=50", "sim.paste_fraction=0.5",
+                                                     "sim.paste_replacement=true", "sim.paste_score_power=3"]),
     "full": ("full", "train_full.json", []),
 }
 

@@ -17,7 +17,7 @@ def _train(args) -> int:
     overrides = list(args.overrides)
     for flag, key in (("train_json", "data.train_json"), ("train_images", "data.train_images"), ("val_json", "data.val_json"),
                       ("val_images", "data.val_images"), ("method", "method"), ("out", "out"),
-                      ("max_iters", "solver.max_iters"), ("device", "device")):
+                      ("max_iters", "solver.max_iters"), ("device", "device"), ("viz_paste", "sim.viz_paste")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-iters", type=int)
     t.add_argument("--device")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--viz-paste", type=int, metavar="N",
+                   help="(sim) save the first N copy-paste composites with their updated boxes to OUT/paste_viz/")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="box and mask AP of a checkpoint on a COCO json with masks")

@@ -117,6 +117,24 @@ def test_teacher_starts_as_copy_and_follows_ema():
         assert torch.allclose(q, 0.5 * old[n] + 0.5 * dict(student.named_parameters())[n])
 
 
+@pytest.mark.parametrize("backbone", ["ema", "student"])
+def test_teacher_outputs_match_student_at_start(backbone):
+    """At step 0 the teacher is the student: same mask features and controller outputs whether it runs its
+    own (channels-last) backbone or its heads on the student's FPN features."""
+    torch.manual_seed(0)
+    student = CondInst(_cfg("sim"), 3).eval()
+    teacher = EMATeacher(student, momentum=0.9, backbone=backbone)
+    images = torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        s_out = student.head_outputs(images)
+    t_out = teacher(images, s_out["fpn"])
+    for k in ("mask_feats", "params", "cls", "reg"):
+        assert torch.allclose(t_out[k], s_out[k], atol=1e-4), k
+    if backbone == "student":
+        with pytest.raises(ValueError, match="FPN"):
+            teacher(images)
+
+
 def test_sim_adds_nothing_at_inference():
     torch.manual_seed(0)
     sim_model = CondInst(_cfg("sim"), 3).eval()
@@ -131,7 +149,9 @@ def test_sim_adds_nothing_at_inference():
 
 
 def _train(synth_data, out, iters=4, resume=False):
-    args = ["train", "-c", "configs/tiny.yaml", *TINY, "sim.warmup_frac=0.25", "--method", "sim",
+    # a 2-entry bank filled from iteration 1 and pasting every step after (paste masks: any M_I > 0.01)
+    args = ["train", "-c", "configs/tiny.yaml", *TINY, "sim.warmup_frac=0.25", "sim.bank_length=2",
+            "sim.paste_prob=1.0", "sim.fg_thresh=0.01", "--viz-paste", "1", "--method", "sim",
             "--train-json", str(synth_data / "train.json"), "--train-images", str(synth_data / "images"),
             "--val-json", str(synth_data / "val.json"), "--val-images", str(synth_data / "images"),
             "--out", str(out), "--max-iters", str(iters), "--no-progress"]
@@ -152,9 +172,17 @@ def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, caps
     (b / "last_checkpoint").write_text("model_0000002.pth\n")
     assert _train(synth_data, b, resume=True) == 0
     ckpt_b = load_checkpoint(b)
+    bank, bank_b = ckpt["sim"].pop("bank._extra_state"), ckpt_b["sim"].pop("bank._extra_state")
     for key in ("model", "sim"):
         for k, v in ckpt[key].items():
             assert torch.allclose(v.float(), ckpt_b[key][k].float(), atol=1e-6), (key, k)
+    # the bank (restored from the checkpoint, not rebuilt) holds the same images and paste masks
+    assert len(bank["entries"]) == 2
+    for e, e_b in zip(bank["entries"], bank_b["entries"]):
+        assert torch.equal(e["image"], e_b["image"]) and torch.equal(e["boxes"], e_b["boxes"])
+        assert all(torch.equal(m, m_b) for m, m_b in zip(e["masks"], e_b["masks"]))
+    assert records[-1]["loss_paste"] > 0  # objects were pasted and supervised
+    assert len(list((a / "paste_viz").glob("*.png"))) == 1
     capsys.readouterr()
     assert main(["eval", str(a), "--json", str(synth_data / "train_full.json"), "--images", str(synth_data / "images"),
                  "--out", str(tmp_path / "m.json"), "--no-progress", "--device", "cpu"]) == 0

@@ -222,6 +222,30 @@ def _set_rng(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def save_paste_pictures(batch: dict, folder: Path, iteration: int, class_names: list[str], limit: int) -> int:
+    """Draw up to ``limit`` copy-paste composites of ``batch`` with their updated boxes and supervision
+    regions (pasted objects labelled "pasted"); returns how many were written."""
+    from ..predict import readable
+    from ..visualize import draw_instances, save_png
+
+    names = list(class_names) + [f"pasted {n}" for n in class_names]
+    written = 0
+    for i, t in enumerate(batch["targets"]):
+        if written >= limit:
+            break
+        if not bool(t["pasted"].any()):
+            continue
+        h, w = batch["image_sizes"][i]
+        image = batch["images"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy()
+        det = {"boxes": t["boxes"].cpu(), "labels": (t["labels"] + len(class_names) * t["pasted"].long()).cpu(),
+               "scores": torch.ones(len(t["boxes"])), "masks": batch["region_masks_padded"][i][:, :h, :w].cpu()}
+        image, det = readable(image, det, 0.0)
+        det.pop("scores")
+        save_png(folder / f"iter{iteration:07d}_img{batch['image_ids'][i]}.png", draw_instances(image, det, names))
+        written += 1
+    return written
+
+
 def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress) -> dict:
     s = cfg.solver
     bs = s.ims_per_batch
@@ -263,10 +287,15 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
     final: dict = {}
     bar = tqdm(total=s.max_iters, initial=start_iter, desc="train", disable=not progress, dynamic_ncols=True)
     it = start_iter
+    viz_left = cfg.sim.viz_paste if sim is not None else 0
     for batch in loader:
         for g in optimizer.param_groups:
             g["lr"] = s.lr * g["lr_mult"] * lr_factor(cfg, it)
         batch = batch_to(batch, device)
+        if sim is not None:
+            batch = sim.copy_paste(batch, it, cfg.seed)
+            if viz_left > 0 and "region_masks_padded" in batch:
+                viz_left -= save_paste_pictures(batch, run_dir / "paste_viz", it, train_set.class_names, viz_left)
         stats: dict = {}
         with autocast:
             if sim is None:

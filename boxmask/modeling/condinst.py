@@ -46,14 +46,18 @@ class CondInst(nn.Module):
         """Backbone, FCOS head and mask branch on a uint8 batch; head outputs flattened over levels:
         cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
-        feats = self.backbone(x)
+        return self.heads_on(self.backbone(x))
+
+    def heads_on(self, feats: list[torch.Tensor]) -> dict:
+        """FCOS head and mask branch on FPN features (what ``head_outputs`` returns; ``fpn`` holds the
+        features themselves)."""
         head = self.head(feats)
         locations, levels = self._locations(head)
         return {
             "cls": self._flatten(head["cls"]), "reg": self._flatten(head["reg"]),
             "ctr": self._flatten(head["ctr"])[..., 0], "params": self._flatten(head["params"]),
             "mask_feats": self.mask_branch(feats[:3]), "locations": locations, "levels": levels,
-            "level_sizes": [t.shape[-2] * t.shape[-1] for t in head["cls"]],
+            "level_sizes": [t.shape[-2] * t.shape[-1] for t in head["cls"]], "fpn": feats,
         }
 
     def instance_mask_logits(self, out: dict, image_idx: torch.Tensor, loc_idx: torch.Tensor) -> torch.Tensor:
@@ -168,7 +172,11 @@ class CondInst(nn.Module):
                 return {"loss_mask": logits.sum() * 0.0}, {}
             tgt = gt_masks_on_grid(batch, stride, (h, w))[inst["gt_global"]].float()
             return {"loss_mask": boxinst_loss.dice_loss(logits.sigmoid()[:, 0], tgt).mean()}, {}
-        box_masks = box_masks_on_grid(inst["box"], h, w, stride)
+        if "region_masks_padded" in batch:
+            # a copy-paste composite: what remains of each box (and the pasted objects' masks)
+            box_masks = gt_masks_on_grid(batch, stride, (h, w), "region_masks_padded")[inst["gt_global"]].float()
+        else:
+            box_masks = box_masks_on_grid(inst["box"], h, w, stride)
         sim = self._color_similarity(batch, stride, (h, w))
         extras = {"box_masks": box_masks, "color_sim": sim}
         if logits.shape[0] == 0:
@@ -242,10 +250,10 @@ def box_masks_on_grid(boxes: torch.Tensor, h: int, w: int, stride: int) -> torch
     return (in_y[:, :, None] & in_x[:, None, :]).float()
 
 
-def gt_masks_on_grid(batch: dict, stride: int, hw: tuple[int, int]) -> torch.Tensor:
-    """All GT masks of the batch (per-image masks padded to the canvas, concatenated in target order)
-    sampled at the mask grid's cell centres: [G, h, w]."""
-    gt = torch.cat(batch["gt_masks_padded"])[:, stride // 2 :: stride, stride // 2 :: stride]
+def gt_masks_on_grid(batch: dict, stride: int, hw: tuple[int, int], key: str = "gt_masks_padded") -> torch.Tensor:
+    """All per-object masks of the batch under ``key`` (per-image masks padded to the canvas,
+    concatenated in target order) sampled at the mask grid's cell centres: [G, h, w]."""
+    gt = torch.cat(batch[key])[:, stride // 2 :: stride, stride // 2 :: stride]
     return gt[:, : hw[0], : hw[1]]
 
 

@@ -26,6 +26,8 @@ def loss_weights(cfg: Config, iteration: int) -> dict[str, float]:
         "loss_proj": cfg.loss.mask_weight,
         "loss_pairwise": cfg.loss.mask_weight * cfg.loss.pairwise_weight * min(iteration / warm, 1.0),
         "loss_mask": cfg.loss.mask_weight,
+        # only non-zero once objects are pasted, which needs a bank filled after the warm-up
+        "loss_paste": cfg.loss.mask_weight * cfg.sim.paste_weight,
     }
 
 

@@ -5,14 +5,16 @@ the state that must survive a resume (teacher weights, prototypes)."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import Config
 from .. import boxinst_loss
 from ..color import unfold_neighbours
-from ..condinst import CondInst, box_masks_on_grid
+from ..condinst import CondInst
 from ..dynamic_mask_head import aligned_bilinear
+from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .prototypes import Prototypes
 from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
 from .self_correction import merge_masks, merge_per_object
@@ -24,13 +26,30 @@ class SIM(nn.Module):
         super().__init__()
         s = cfg.sim
         self.cfg = cfg
-        self.teacher = EMATeacher(student, s.ema_momentum)
+        self.teacher = EMATeacher(student, s.ema_momentum, s.teacher_backbone)
         self.prototypes = Prototypes(num_classes, s.num_prototypes, cfg.model.mask_out_channels, s.proto_momentum,
                                      s.sinkhorn_eps, s.sinkhorn_iters)
+        # always present (empty unless copy-paste is on) so every sim checkpoint has the same keys
+        self.bank = MemoryBank(s.bank_length)
 
     @torch.no_grad()
     def after_step(self, student: nn.Module) -> None:
         self.teacher.update(student)
+
+    @torch.no_grad()
+    def copy_paste(self, batch: dict, iteration: int, seed: int) -> dict:
+        """The batch with bank objects pasted in (probability ``paste_prob`` once the bank is full), else
+        the batch itself. The draw is a pure function of (seed, iteration, rank), so a resumed run pastes
+        exactly what an uninterrupted one would."""
+        s = self.cfg.sim
+        if not s.copy_paste or not self.bank.full():
+            return batch
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        g = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1009 + rank)
+        if float(torch.rand((), generator=g)) >= s.paste_prob:
+            return batch
+        return paste_batch(batch, self.bank, g, s.paste_fraction, s.paste_min, s.paste_max,
+                           s.paste_replacement, s.paste_score_power)
 
     def _upsampled(self, mask_feats: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Stride-8 mask features -> mask resolution (aligned bilinear x2)."""
@@ -45,14 +64,14 @@ class SIM(nn.Module):
         inst = aux["inst"]
         logits = aux["mask_logits"]
         h, w = logits.shape[-2:]
-        t_out = self.teacher(batch["images"])
+        t_out = self.teacher(batch["images"], aux["out"]["fpn"])
         t_probs = self.teacher.model.instance_mask_logits(t_out, inst["image"], inst["loc"]).float().sigmoid()[:, 0]
         groups, group, weights, m_i = merge_per_object(inst, t_probs, s.mu, s.weighting)
         num_g = groups.numel()
         # per-object facts: image, class, box
         first = torch.zeros(num_g, dtype=torch.long, device=logits.device).scatter_(0, group, torch.arange(group.numel(), device=logits.device))
         g_img, g_cls, g_box = inst["image"][first], inst["label"][first], inst["box"][first]
-        box = box_masks_on_grid(g_box, h, w, self.cfg.model.mask_out_stride)
+        box = aux["box_masks"][first]  # the box, or what copy-paste left of it
         t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w))
         z_t = F.normalize(t_feats, dim=1)
         m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau) if s.semantic else None
@@ -73,7 +92,7 @@ class SIM(nn.Module):
         stats: dict[str, torch.Tensor] = {}
         if logits.shape[0] == 0:
             zero = logits.sum() * 0.0
-            return {"loss_pseudo": zero}, stats
+            return ({"loss_pseudo": zero, "loss_paste": zero} if s.copy_paste else {"loss_pseudo": zero}), stats
         pm = self.pseudo_masks(batch, aux)
         if pseudo_on:
             per_inst = pseudo_mask_loss(logits[:, 0], pm["target"][pm["group"]], pm["weight"][pm["group"]], s.pseudo_loss)
@@ -84,11 +103,52 @@ class SIM(nn.Module):
             out["loss_pairwise"] = self._feature_pairwise(aux, pm["teacher_feats"])
         if s.semantic:
             self._update_prototypes(aux, pm)
+        if s.copy_paste:
+            out["loss_paste"] = self._paste_loss(batch, aux)
+            if pseudo_on:
+                self._fill_bank(batch, aux, pm)
         # fractions of in-box pixels that are pseudo foreground / ignored (tensors: no host sync here)
         in_box = pm["box"].sum().clamp_min(1)
         stats["pseudo_fg"] = pm["target"].sum() / in_box
         stats["pseudo_ignored"] = 1 - pm["weight"].sum() / in_box
         return out, stats
+
+    def _paste_loss(self, batch: dict, aux: dict) -> torch.Tensor:
+        """BCE + Dice of the pasted objects' masks against their (visible) paste masks; other objects: 0."""
+        logits = aux["mask_logits"]
+        if "region_masks_padded" not in batch:
+            return logits.sum() * 0.0
+        pasted = torch.cat([t["pasted"] for t in batch["targets"]])[aux["inst"]["gt_global"]]
+        if not pasted.any():
+            return logits.sum() * 0.0
+        target = aux["box_masks"][pasted]
+        per_inst = pseudo_mask_loss(logits[pasted, 0], target, torch.ones_like(target), "bce_dice")
+        return per_inst.sum() / logits.shape[0]
+
+    @torch.no_grad()
+    def _fill_bank(self, batch: dict, aux: dict, pm: dict) -> None:
+        """Push every image of the batch with its objects' paste masks: the merged teacher map upsampled
+        to full resolution, > fg_thresh, inside the box (or what is left of it); score = mean
+        probability inside the paste mask. Objects without positives get an empty mask, score 0."""
+        s = self.cfg.sim
+        images = batch["images"]
+        hp, wp = images.shape[-2:]
+        probs = aligned_bilinear(pm["m_i"][:, None], self.cfg.model.mask_out_stride)[:, 0, :hp, :wp]
+        if "region_masks_padded" in batch:
+            regions = torch.cat(batch["region_masks_padded"])[pm["groups"]]
+        else:
+            regions = box_pixel_masks(aux["gt_boxes"][pm["groups"]], hp, wp)
+        masks = (probs > s.fg_thresh) & regions
+        scores = (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1.0)
+        num = aux["gt_boxes"].shape[0]
+        all_masks = torch.zeros(num, hp, wp, dtype=torch.bool, device=images.device)
+        all_masks[pm["groups"]] = masks
+        all_scores = torch.zeros(num, device=images.device).index_copy_(0, pm["groups"], scores.float())
+        offsets = aux["gt_offsets"].tolist()
+        for i, t in enumerate(batch["targets"]):
+            h, w = batch["image_sizes"][i]
+            a, b = offsets[i], offsets[i + 1]
+            self.bank.push(images[i, :, :h, :w], t["boxes"], t["labels"], all_masks[a:b, :h, :w], all_scores[a:b])
 
     def _feature_pairwise(self, aux: dict, f: torch.Tensor) -> torch.Tensor:
         """The released code's pairwise term: colour x teacher-feature similarity >= threshold

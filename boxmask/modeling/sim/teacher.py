@@ -8,10 +8,15 @@ import torch.nn as nn
 
 
 class EMATeacher(nn.Module):
-    def __init__(self, student: nn.Module, momentum: float = 0.9999):
+    def __init__(self, student: nn.Module, momentum: float = 0.9999, backbone: str = "ema"):
         super().__init__()
+        if backbone not in ("ema", "student"):
+            raise ValueError(f"teacher backbone must be 'ema' or 'student', got {backbone!r}")
+        self.backbone = backbone
         self.model = copy.deepcopy(student)
         self.model.eval()
+        # Inference-only: channels-last convolutions are ~25% faster on CPU (no gain for training).
+        self.model.to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.momentum = momentum
@@ -34,5 +39,11 @@ class EMATeacher(nn.Module):
             b.copy_(s_bufs[name])
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict:
-        return self.model.head_outputs(images)
+    def forward(self, images: torch.Tensor, student_fpn: list[torch.Tensor] | None = None) -> dict:
+        """Teacher head outputs. With ``backbone='student'`` the EMA heads (FCOS head, controller, mask
+        branch) run on the student's FPN features (detached), which saves the teacher's backbone pass."""
+        if self.backbone == "student":
+            if student_fpn is None:
+                raise ValueError("teacher backbone 'student' needs the student's FPN features")
+            return self.model.heads_on([f.detach() for f in student_fpn])
+        return self.model.head_outputs(images.contiguous(memory_format=torch.channels_last))

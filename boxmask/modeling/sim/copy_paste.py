@@ -1,0 +1,162 @@
+"""Online weakly-supervised Copy-Paste (SIM, spec section 2.6).
+
+A FIFO memory bank keeps recent training images with a paste mask per object (the teacher's merged
+instance map > 0.7, inside the box, at full resolution) and a quality score. Objects of a bank image are
+pasted at the same position into a new image, which manufactures occlusions between instances; the
+objects underneath lose the covered pixels and their boxes shrink to what remains."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torchvision.ops import masks_to_boxes
+
+
+def box_pixel_masks(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[K, h, w] bool: pixels whose centre lies inside each xyxy box (the same rule as the mask grid)."""
+    xs = torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5
+    in_x = (xs[None] > boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])
+    in_y = (ys[None] > boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (pixel edges) of non-empty boolean masks [K, h, w]."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    b = masks_to_boxes(masks)
+    return b + torch.tensor([0.0, 0.0, 1.0, 1.0], device=b.device)
+
+
+def select_objects(scores: torch.Tensor, fraction: float, min_n: int, max_n: int, replacement: bool,
+                   power: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the objects to paste: floor(fraction * #objects) clamped to [min_n, max_n], drawn in
+    proportion to score**power among the objects with a positive score (without replacement: each at
+    most once, and no more than there are)."""
+    weights = scores.float().clamp_min(0) ** power
+    weights = torch.where(scores > 0, weights, torch.zeros_like(weights))
+    n_valid = int((weights > 0).sum())
+    if n_valid == 0:
+        return torch.zeros(0, dtype=torch.long)
+    n = min(max(math.floor(fraction * scores.numel()), min_n), max_n)
+    if not replacement:
+        n = min(n, n_valid)
+    return torch.multinomial(weights.cpu(), n, replacement=replacement, generator=generator)
+
+
+class MemoryBank(nn.Module):
+    """FIFO bank of recent samples (CPU copies, never views of a batch): each entry holds the raw uint8
+    image at its training size, the objects' boxes and classes, a paste mask per object (cropped to its
+    tight box, with the crop's top-left corner) and a quality score (0 = nothing to paste). The entries
+    are part of the module's state dict, so a checkpoint restores the bank exactly."""
+
+    def __init__(self, length: int = 100):
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"memory bank length must be >= 1, got {length}")
+        self.length = length
+        self.entries: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def full(self) -> bool:
+        return len(self.entries) >= self.length
+
+    @torch.no_grad()
+    def push(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+             scores: torch.Tensor) -> None:
+        """Add one sample: ``image`` [3, h, w] uint8, ``masks`` [K, h, w] bool; the oldest entry goes
+        when the bank is full."""
+        crops, offsets = [], []
+        for m in masks:
+            if m.any():
+                x0, y0, x1, y1 = tight_boxes(m[None])[0].long().tolist()
+                crops.append(m[y0:y1, x0:x1].to("cpu", copy=True))
+                offsets.append((y0, x0))
+            else:
+                crops.append(torch.zeros(0, 0, dtype=torch.bool))
+                offsets.append((0, 0))
+        nonempty = torch.tensor([c.numel() > 0 for c in crops], dtype=torch.bool)
+        self.entries.append({
+            "image": image.to("cpu", copy=True).contiguous(),
+            "boxes": boxes.to("cpu", torch.float32, copy=True),
+            "labels": labels.to("cpu", copy=True),
+            "masks": crops,
+            "offsets": torch.tensor(offsets, dtype=torch.long).reshape(-1, 2),
+            "scores": torch.where(nonempty, scores.to("cpu", torch.float32), torch.zeros(len(crops))),
+        })
+        while len(self.entries) > self.length:
+            self.entries.pop(0)
+
+    @staticmethod
+    def object_mask(entry: dict, k: int, h: int, w: int, device=None) -> torch.Tensor:
+        """Object ``k``'s paste mask on an [h, w] canvas (cropped where the canvas is smaller)."""
+        out = torch.zeros(h, w, dtype=torch.bool, device=device)
+        crop = entry["masks"][k]
+        y0, x0 = entry["offsets"][k].tolist()
+        ch, cw = min(crop.shape[0], max(h - y0, 0)), min(crop.shape[1], max(w - x0, 0))
+        if ch > 0 and cw > 0:
+            out[y0:y0 + ch, x0:x0 + cw] = crop[:ch, :cw].to(device)
+        return out
+
+    def get_extra_state(self) -> dict:
+        return {"length": self.length, "entries": self.entries}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.entries = list(state["entries"])[-self.length:]
+
+
+@torch.no_grad()
+def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fraction: float = 0.25,
+                min_n: int = 1, max_n: int = 3, replacement: bool = False, power: float = 1.0) -> dict:
+    """Paste objects of one random bank entry into each image of ``batch`` (same absolute position, before
+    normalisation). Returns a new batch whose targets carry ``pasted`` flags and whose
+    ``region_masks_padded`` give each object's supervision region: what remains of its box for the
+    objects underneath (their boxes shrink to it; fully covered ones are dropped), the visible paste
+    mask for the pasted ones (their box is its tight box). The input batch is not modified."""
+    images = batch["images"].clone()
+    hp, wp = images.shape[-2:]
+    dev = images.device
+    targets, regions, any_pasted = [], [], False
+    for i, t in enumerate(batch["targets"]):
+        h, w = batch["image_sizes"][i]
+        boxes, labels = t["boxes"], t["labels"]
+        region = box_pixel_masks(boxes, hp, wp)
+        changed = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
+        pasted = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
+        entry = bank.entries[int(torch.randint(len(bank), (1,), generator=generator))]
+        chosen = select_objects(entry["scores"], fraction, min_n, max_n, replacement, power, generator)
+        src = entry["image"].to(dev)
+        for k in chosen.tolist():
+            m = MemoryBank.object_mask(entry, k, hp, wp, dev)
+            m[h:] = False
+            m[:, w:] = False
+            m[src.shape[1]:] = False
+            m[:, src.shape[2]:] = False
+            if not m.any():
+                continue
+            sh, sw = min(src.shape[1], hp), min(src.shape[2], wp)
+            canvas = images[i, :, :sh, :sw]
+            canvas[:, m[:sh, :sw]] = src[:, :sh, :sw][:, m[:sh, :sw]]
+            changed |= (region & m).flatten(1).any(1)
+            region = torch.cat([region & ~m, m[None]])
+            changed = torch.cat([changed, changed.new_zeros(1)])
+            pasted = torch.cat([pasted, pasted.new_ones(1)])
+            boxes = torch.cat([boxes, tight_boxes(m[None]).to(boxes.dtype)])
+            labels = torch.cat([labels, entry["labels"][k:k + 1].to(dev)])
+            any_pasted = True
+        keep = region.flatten(1).any(1)
+        if changed.any():
+            boxes = boxes.clone()
+            boxes[changed & keep] = tight_boxes(region[changed & keep]).to(boxes.dtype)
+        targets.append({**{k: v for k, v in t.items() if k not in ("boxes", "labels")},
+                        "boxes": boxes[keep], "labels": labels[keep], "pasted": pasted[keep]})
+        regions.append(region[keep])
+    if not any_pasted:
+        return batch
+    out = dict(batch)
+    out.update(images=images, targets=targets, region_masks_padded=regions)
+    return out
