@@ -23,7 +23,7 @@ import torch
 
 from boxmask.config import load_config
 from boxmask.data.coco import CocoDataset
-from boxmask.data.synth import HARD_CASES, generate
+from boxmask.data.synth import HARD_CASES, generate, partial_masks
 from boxmask.atomic_io import atomic_write_text
 from boxmask.engine.trainer import evaluate_model, model_from_checkpoint, sim_from_checkpoint, train
 
@@ -55,6 +55,9 @@ VARIANTS = {
     # the released code's copy-paste: bank of 50, half of the objects with replacement, score cubed
     "sim-release-copy-paste": ("sim", "train.json", ["sim.bank_length=50", "sim.paste_fraction=0.5",
                                                      "sim.paste_replacement=true", "sim.paste_score_power=3"]),
+    # mixed supervision: SIM with GT masks for 10% / 25% of the objects (data.gt_masks=use)
+    "sim-mask10": ("sim", "train_mask10.json", []),
+    "sim-mask25": ("sim", "train_mask25.json", []),
     "full": ("full", "train_full.json", []),
 }
 
@@ -127,6 +130,10 @@ def main() -> None:
         full["images"] = [im for im in full["images"] if im["id"] in keep]
         full["annotations"] = [a for a in full["annotations"] if a["image_id"] in keep]
         atomic_write_text(data / "train_full_sub.json", json.dumps(full))
+    for pct in (10, 25):
+        if not (data / f"train_mask{pct}.json").is_file():
+            partial = partial_masks(json.loads((data / "train_full.json").read_text()), pct / 100, args.seed)
+            atomic_write_text(data / f"train_mask{pct}.json", json.dumps(partial))
     per_variant = ROOT / "work" / "results" / args.name
     for name in [] if args.summary_only else args.variants.split(","):
         res = run_variant(name, data, args)

@@ -30,21 +30,25 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .data.coco import CocoDataset
     from .atomic_io import atomic_write_text
-    from .engine.trainer import evaluate_model, model_from_checkpoint, resolve_device, sim_from_checkpoint
+    from .engine.trainer import check_categories, evaluate_model, model_from_checkpoint, resolve_device, sim_from_checkpoint
+    from .evaluation.diagnostics import ap_gap_warning
     from .evaluation.coco_eval import format_table
 
     device = resolve_device(args.device)
     model, state = model_from_checkpoint(args.checkpoint, device)
     dataset = CocoDataset(args.json, args.images, skip_invalid=args.skip_invalid)
-    if dataset.cat_ids != state["cat_ids"]:
-        raise ConfigError(f"{args.json} has categories {dataset.cat_ids}; the checkpoint was trained on {state['cat_ids']}")
+    check_categories(state, dataset, args.json)
     metrics = evaluate_model(model, dataset, model.cfg, device, progress=not args.no_progress,
                              sim=sim_from_checkpoint(model, state, device), mask_quality=True)
     print(format_table(metrics))
     if "mask_iou" in metrics:
         mi = metrics["mask_iou"]
         print(f"mask IoU of matched predictions: {mi['mIoU_matched']:.3f} (recall {mi['recall']:.3f}, mIoU over all GT {mi['mIoU']:.3f})")
-    print(f"box fill (mask area / box area): {metrics['box_fill']:.3f}")
+    print(f"box fill (mask area / box area): {metrics['box_fill']:.3f}; masks filling > 95% of their box: "
+          f"{metrics['box_fill_over_95']:.1%}")
+    warning = ap_gap_warning(metrics)
+    if warning:
+        print(f"boxmask: warning: {warning}", file=sys.stderr)
     if "gt_box_masks" in metrics:
         q = metrics["gt_box_masks"]
         line = f"masks for the GT boxes vs GT masks: model mIoU {q['model_mIoU']:.3f}"
@@ -72,7 +76,8 @@ def _synth(args) -> int:
     from .data.synth import generate
 
     try:
-        paths = generate(args.out, args.num_train, args.num_val, args.size, args.seed, show_progress=not args.no_progress)
+        paths = generate(args.out, args.num_train, args.num_val, args.size, args.seed, show_progress=not args.no_progress,
+                         mask_fraction=args.mask_fraction)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for k, v in paths.items():
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=50)
     s.add_argument("--size", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mask-fraction", type=float, metavar="F",
+                   help="also write train_partial.json, where only a fraction F of the objects keep their masks")
     s.set_defaults(func=_synth)
 
     t = sub.add_parser("train", help="train a model; key=value arguments override the config")
@@ -131,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come anywhere on the train command line (argparse only takes one run of
+    # positionals, so the ones after an option arrive here as unknown)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command == "train" and all("=" in u and not u.startswith("-") for u in unknown):
+            args.overrides = list(args.overrides) + unknown
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="[boxmask] %(message)s")
     logging.getLogger("boxmask").setLevel(logging.INFO)
     from .data.coco import DatasetError

@@ -1,6 +1,7 @@
 """Typed configuration: every default lives here; YAML files and ``key=value`` overrides change it."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ class DataConfig:
     skip_invalid: bool = False
     # Boxes partly outside the image are clipped; boxes fully outside are invalid.
     clip_boxes: bool = True
+    # Annotations that carry a mask ('segmentation') in a box-supervised run (boxinst/sim): use = that
+    # object is mask-supervised (Dice, as method full; SIM takes it as the object's best mask), box-only
+    # objects keep the box losses; ignore = every object is box-only.
+    gt_masks: str = "use"
 
 
 @dataclass
@@ -40,6 +45,10 @@ class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | mobilenet_v2
     # none | path to a .pth state dict | a torchvision weights enum name such as "ResNet50_Weights.IMAGENET1K_V1"
     weights: str = "none"
+    # Fine-tuning: start from a boxmask checkpoint (a .pth or a run folder); a json with other categories
+    # is refused unless reinit_classifier (then only the class logits layer starts fresh).
+    init_from: str = ""
+    reinit_classifier: bool = False
     norm: str = "frozen_bn"  # frozen_bn | bn  (backbone normalisation)
     freeze_at: int = 2  # 0 = train everything; 1 = freeze the stem; 2 = stem + first stage
     fpn_channels: int = 256
@@ -83,6 +92,9 @@ class LossConfig:
     pairwise_warmup_frac: float = 0.111
     # Pixels this many rows at the bottom of each image take no part in the colour pairs (BoxInst: 10).
     bottom_pixels_removed: int = 10
+    # Warn once if the predicted masks still fill more than this share of their boxes (mean box fill)
+    # in two log windows after the pairwise warm-up; 0 = never.
+    fill_warn: float = 0.9
 
 
 @dataclass
@@ -145,6 +157,12 @@ class SolverConfig:
     clip_grad_norm: float = 0.0  # 0 = off
     # The dynamic mask head's generated parameters learn with this multiple of the base LR (see modeling/fcos.py).
     controller_lr_mult: float = 1.0
+    # The effective batch (images per process x processes) that lr and the schedule were tuned for. When the
+    # run's effective batch differs, lr scales linearly and every iteration count (max_iters, absolute
+    # steps, warmup_iters, checkpoint/eval periods) inversely; fractions of the schedule (warm-ups, SIM
+    # switch-on points) follow max_iters. 0 or scale_to_batch=false: no scaling.
+    reference_batch: int = 0
+    scale_to_batch: bool = True
 
 
 @dataclass
@@ -282,7 +300,8 @@ def validate(cfg: Config) -> None:
     for key, value, allowed in (("sim.weighting", cfg.sim.weighting, ("iou", "mean")),
                                 ("sim.proto_pixels", cfg.sim.proto_pixels, ("pseudo", "mi")),
                                 ("sim.pseudo_loss", cfg.sim.pseudo_loss, ("bce_dice", "focal")),
-                                ("sim.teacher_backbone", cfg.sim.teacher_backbone, ("ema", "student"))):
+                                ("sim.teacher_backbone", cfg.sim.teacher_backbone, ("ema", "student")),
+                                ("data.gt_masks", cfg.data.gt_masks, ("use", "ignore"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got '{value}'")
     if cfg.sim.bank_length < 1 or not 0.0 <= cfg.sim.paste_prob <= 1.0 or cfg.sim.paste_min > cfg.sim.paste_max:
@@ -293,3 +312,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.mask_head_init must be shared or condinst, got '{cfg.model.mask_head_init}'")
     if len(cfg.model.sizes_of_interest) != len(cfg.model.fpn_strides) - 1:
         raise ConfigError("model.sizes_of_interest needs one entry fewer than model.fpn_strides")
+
+
+def scale_for_batch(cfg: Config, world_size: int = 1) -> tuple[Config, str | None]:
+    """The linear scaling rule (as detectron2's reference world size): returns the config to train with
+    and a line saying what changed (None when nothing did)."""
+    s = cfg.solver
+    effective = s.ims_per_batch * world_size
+    if not s.scale_to_batch or s.reference_batch <= 0 or effective == s.reference_batch:
+        return cfg, None
+    f = effective / s.reference_batch
+
+    def iters(v: float) -> int:
+        return max(int(round(v / f)), 1)
+
+    new = copy.deepcopy(cfg)
+    n = new.solver
+    n.lr = s.lr * f
+    n.max_iters = iters(s.max_iters)
+    n.steps = [v if v <= 1 else iters(v) for v in s.steps]
+    n.warmup_iters = int(round(s.warmup_iters / f))
+    new.checkpoint_period = iters(cfg.checkpoint_period)
+    new.eval_period = iters(cfg.eval_period) if cfg.eval_period else 0
+    n.reference_batch = effective  # scaling the result again changes nothing
+    msg = (f"batch scaling: effective batch {effective} ({s.ims_per_batch} x {world_size} processes) vs the "
+           f"{s.reference_batch} this config was tuned for: lr {s.lr:g} -> {n.lr:g}, max_iters {s.max_iters} -> "
+           f"{n.max_iters}, warmup_iters {s.warmup_iters} -> {n.warmup_iters}, steps {s.steps} -> {n.steps} "
+           "(solver.scale_to_batch=false to turn off)")
+    return new, msg

@@ -106,6 +106,8 @@ def collate(samples: list[dict], size_divisibility: int = 32) -> dict:
             m[:, : s["masks"].shape[1], : s["masks"].shape[2]] = s["masks"]
             padded.append(m)
         batch["gt_masks_padded"] = padded
+        for t, s in zip(batch["targets"], samples):
+            t["has_mask"] = s["has_mask"]
     return batch
 
 

@@ -215,12 +215,19 @@ class CocoDataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def mask_counts(self) -> tuple[int, int]:
+        """(objects with a mask, objects with a box only), crowd regions excluded."""
+        anns = [a for v in self.annotations.values() for a in v if not a.get("iscrowd", 0)]
+        with_mask = sum("segmentation" in a for a in anns)
+        return with_mask, len(anns) - with_mask
+
     @property
     def has_masks(self) -> bool:
         return any("segmentation" in a for anns in self.annotations.values() for a in anns if not a.get("iscrowd", 0))
 
     def load(self, index: int, with_masks: bool = False) -> dict:
-        """One sample: RGB image, xyxy boxes, labels, optional masks [N, H, W] uint8 (non-crowd only)."""
+        """One sample: RGB image, xyxy boxes, labels, optional masks [N, H, W] uint8 (non-crowd only; a
+        box-only object gets its filled box and ``has_mask`` False)."""
         info = self.images[index]
         path = self.image_root / info["file_name"]
         try:
@@ -241,6 +248,7 @@ class CocoDataset:
         if with_masks:
             h, w = image.shape[:2]
             sample["masks"] = np.stack([self._mask(a, h, w) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+            sample["has_mask"] = np.array(["segmentation" in a for a in anns], dtype=bool)
         return sample
 
 

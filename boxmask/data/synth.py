@@ -340,8 +340,26 @@ def _categories() -> list[dict[str, Any]]:
 HARD_CASES = (HARD_NEAR_COLOUR, HARD_SAME_CLASS_OVERLAP)
 
 
+def partial_masks(full: dict[str, Any], fraction: float, seed: int = 0) -> dict[str, Any]:
+    """A copy of a COCO dict in which only ``fraction`` of the non-crowd annotations keep their
+    ``segmentation`` (chosen by a seeded permutation: deterministic); the others become box-only, with
+    ``area`` = box area."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"mask fraction must be in [0, 1], got {fraction}")
+    anns = full["annotations"]
+    order = np.random.default_rng([int(seed), 9]).permutation(len(anns))
+    keep = {anns[k]["id"] for k in order[: int(round(fraction * len(anns)))]}
+    out = []
+    for a in anns:
+        if a["id"] in keep or "segmentation" not in a:
+            out.append(dict(a))
+        else:
+            out.append({k: v for k, v in a.items() if k != "segmentation"} | {"area": a["bbox"][2] * a["bbox"][3]})
+    return {**full, "info": {**full.get("info", {}), "mask_fraction": fraction}, "annotations": out}
+
+
 def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: int = 128, seed: int = 0,
-             show_progress: bool = True) -> dict[str, Path]:
+             show_progress: bool = True, mask_fraction: float | None = None) -> dict[str, Path]:
     """Write OUT/images/*.png, OUT/train.json, OUT/train_full.json and OUT/val.json.
 
     Images are ``size`` px high and between ``size`` and 1.25 * ``size`` px wide.
@@ -349,9 +367,13 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
     box-supervised learner knows no mask); ``train_full.json`` and ``val.json``
     carry RLE masks with ``area`` = mask area.  The output is byte-identical for
     the same arguments.  ``val_near_colour.json`` and ``val_same_class_overlap.json``
-    hold the val images that show each hard case.  Returns the paths keyed
-    "train", "train_full", "val", "val_near_colour", "val_same_class_overlap", "images".
+    hold the val images that show each hard case.  With ``mask_fraction`` F,
+    ``train_partial.json`` keeps the masks of a fraction F of the train objects (mixed supervision).
+    Returns the paths keyed "train", "train_full", "val", "val_near_colour",
+    "val_same_class_overlap", ("train_partial",) "images".
     """
+    if mask_fraction is not None and not 0.0 <= mask_fraction <= 1.0:
+        raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
     for name, value in (("num_train", num_train), ("num_val", num_val), ("size", size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -411,6 +433,8 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
             "images": [im for im in datasets["val"]["images"] if im["id"] in keep],
             "annotations": [a for a in datasets["val"]["annotations"] if a["image_id"] in keep],
         }
+    if mask_fraction is not None:
+        datasets["train_partial"] = partial_masks(datasets["train_full"], mask_fraction, int(seed))
     paths = {key: out / f"{key}.json" for key in datasets}
     for key, path in paths.items():
         _write_json(path, datasets[key])

@@ -50,4 +50,5 @@ def apply_transforms(
     }
     if masks is not None:
         out["masks"] = masks.contiguous()
+        out["has_mask"] = torch.from_numpy(np.asarray(sample.get("has_mask", np.ones(len(masks), bool)), dtype=bool))
     return out

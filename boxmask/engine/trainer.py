@@ -16,10 +16,11 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, from_dict, to_dict
+from ..config import Config, ConfigError, from_dict, scale_for_batch, to_dict
 from ..data.batch import TrainDataset, TrainSampler, batch_to, collate
 from ..data.coco import CocoDataset
 from ..evaluation.coco_eval import format_table
+from ..evaluation.diagnostics import ap_gap_warning, degenerate_warning, fill_from_logits
 from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_dataset, score
 from ..modeling.condinst import CondInst
 from ..modeling.criterion import pseudo_weight, total_loss
@@ -129,6 +130,39 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def check_categories(state: dict, dataset: CocoDataset, json_path) -> None:
+    """A checkpoint only fits a json with the same categories (ids and names, in order)."""
+    if state.get("cat_ids") != dataset.cat_ids or state.get("class_names") != dataset.class_names:
+        raise ConfigError(
+            f"{json_path} has categories {dict(zip(dataset.cat_ids, dataset.class_names))}, but the checkpoint was "
+            f"trained on {dict(zip(state.get('cat_ids', []), state.get('class_names', [])))}; to fine-tune on new "
+            "categories, start training from it with model.init_from=CKPT model.reinit_classifier=true")
+
+
+def init_from_checkpoint(model: CondInst, cfg: Config, train_set: CocoDataset) -> None:
+    """Start from a boxmask checkpoint's weights (model.init_from). Other categories are refused unless
+    model.reinit_classifier: then the class logits layer keeps its fresh initialisation."""
+    path = Path(cfg.model.init_from)
+    state = load_checkpoint(path)
+    weights = state["model"]
+    if state.get("cat_ids") != train_set.cat_ids or state.get("class_names") != train_set.class_names:
+        if not cfg.model.reinit_classifier:
+            check_categories(state, train_set, cfg.data.train_json)
+        weights = {k: v for k, v in weights.items() if not k.startswith("head.cls_logits.")}
+        log.info("init from %s: classifier re-initialised for %d categories", path, len(train_set.cat_ids))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    bad = [k for k in missing if not k.startswith("head.cls_logits.")] + list(unexpected)
+    if bad:
+        raise ConfigError(f"{path} does not match this model ({len(bad)} keys differ, e.g. {bad[:3]}); "
+                          "check model.backbone and the other model.* settings")
+    log.info("initialised from %s", path)
+
+
+def uses_gt_masks(cfg: Config, train_set: CocoDataset) -> bool:
+    """Whether training batches carry GT masks: method full, or masks in the json with data.gt_masks=use."""
+    return cfg.method == "full" or (cfg.data.gt_masks == "use" and train_set.has_masks)
+
+
 def load_datasets(cfg: Config) -> tuple[CocoDataset, CocoDataset | None]:
     d = cfg.data
     if not d.train_json or not d.train_images:
@@ -137,6 +171,14 @@ def load_datasets(cfg: Config) -> tuple[CocoDataset, CocoDataset | None]:
     log.info("train %s: %s", d.train_json, train.report.summary())
     if cfg.method == "full" and not train.has_masks:
         raise ConfigError(f"method 'full' needs masks ('segmentation') in {d.train_json}")
+    with_mask, box_only = train.mask_counts()
+    if cfg.method == "full":
+        log.info("supervision: %d objects mask-supervised (method full)", with_mask)
+    elif d.gt_masks == "use":
+        log.info("supervision: %d objects mask-supervised (their GT masks), %d box-supervised", with_mask, box_only)
+    else:
+        log.info("supervision: %d objects box-supervised (data.gt_masks=ignore: %d GT masks unused)",
+                 with_mask + box_only, with_mask)
     val = None
     if d.val_json:
         val = CocoDataset(d.val_json, d.val_images or d.train_images, d.skip_invalid, d.clip_boxes)
@@ -153,7 +195,7 @@ def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.devic
     results = predict_dataset(model, dataset, cfg.data.min_size_test, cfg.data.max_size, device,
                               progress=progress, size_divisibility=cfg.data.size_divisibility)
     metrics = score(dataset, results)
-    metrics["box_fill"] = box_fill(results)
+    metrics["box_fill"], metrics["box_fill_over_95"] = box_fill(results)
     if mask_quality and dataset.has_masks:
         metrics["gt_box_masks"] = gt_box_mask_quality(model, dataset, cfg, device, sim, progress)
     return metrics
@@ -168,10 +210,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     if not resume and existing is not None:
         raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     device = resolve_device(cfg.device)
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    cfg, scaling = scale_for_batch(cfg, world)
+    if scaling:
+        log.info("%s", scaling)
     seed_everything(cfg.seed, cfg.deterministic)
     # Everything that can fail on the user's input is checked before RUN/ is written.
     train_set, val_set = load_datasets(cfg)
     model = build_model(cfg, len(train_set.cat_ids)).to(device)
+    if cfg.model.init_from and not resume:
+        init_from_checkpoint(model, cfg, train_set)
     # SIM's teacher starts as a copy of the student (restored below when resuming).
     sim = SIM(cfg, model, len(train_set.cat_ids)).to(device) if cfg.method == "sim" else None
     optimizer = build_optimizer(model, cfg)
@@ -179,8 +227,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     state = None
     if resume:
         state = load_checkpoint(existing)
-        if state.get("cat_ids") != train_set.cat_ids:
-            raise TrainingError(f"{existing} was trained on other categories than {cfg.data.train_json}")
+        check_categories(state, train_set, cfg.data.train_json)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if sim is not None:
@@ -222,6 +269,17 @@ def _set_rng(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def train_fill(aux: dict, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box fill of the masks the mask head predicts for the positives (mean, fraction > 95%)."""
+    from ..modeling.condinst import box_masks_on_grid
+
+    logits = aux["mask_logits"]
+    boxes = aux.get("box_masks")
+    if boxes is None:
+        boxes = box_masks_on_grid(aux["inst"]["box"], logits.shape[-2], logits.shape[-1], stride)
+    return fill_from_logits(logits, boxes)
+
+
 def save_paste_pictures(batch: dict, folder: Path, iteration: int, class_names: list[str], limit: int) -> int:
     """Draw up to ``limit`` copy-paste composites of ``batch`` with their updated boxes and supervision
     regions (pasted objects labelled "pasted"); returns how many were written."""
@@ -251,7 +309,7 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
     bs = s.ims_per_batch
     sampler = TrainSampler(len(train_set), bs, cfg.seed, start_iter, s.max_iters)
     loader = DataLoader(
-        TrainDataset(train_set, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, cfg.method == "full"),
+        TrainDataset(train_set, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, uses_gt_masks(cfg, train_set)),
         batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -278,6 +336,8 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
         m = evaluate_model(model, val_set, cfg, device, progress)
         write_metrics({"type": "eval", "iteration": it, "images_seen": it * bs, **m})
         log.info("iteration %d (%d images seen)\n%s", it, it * bs, format_table(m))
+        if it == s.max_iters and ap_gap_warning(m):
+            log.warning("%s", ap_gap_warning(m))
         return m
 
     model.train()
@@ -288,6 +348,9 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
     bar = tqdm(total=s.max_iters, initial=start_iter, desc="train", disable=not progress, dynamic_ncols=True)
     it = start_iter
     viz_left = cfg.sim.viz_paste if sim is not None else 0
+    # the fill check starts well after the pairwise warm-up: masks are box-shaped until the term bites
+    fill_check_from = (max(2 * cfg.loss.pairwise_warmup_frac, 0.3) * s.max_iters) if cfg.method != "full" else float("inf")
+    high_windows, fill_warned = 0, False
     for batch in loader:
         for g in optimizer.param_groups:
             g["lr"] = s.lr * g["lr_mult"] * lr_factor(cfg, it)
@@ -298,13 +361,12 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
                 viz_left -= save_paste_pictures(batch, run_dir / "paste_viz", it, train_set.class_names, viz_left)
         stats: dict = {}
         with autocast:
-            if sim is None:
-                losses = model(batch)
-            else:
-                losses, aux = model.forward_train(batch, return_aux=True)
+            losses, aux = model.forward_train(batch, return_aux=True)
+            if sim is not None:
                 extra, stats = sim.losses(batch, aux, pseudo_on=pseudo_weight(cfg, it) > 0)
                 losses.update(extra)
-                del aux
+        stats["box_fill"], stats["box_fill_over_95"] = train_fill(aux, cfg.model.mask_out_stride)
+        del aux
         losses = {k: v.float() for k, v in losses.items()}
         loss = total_loss(losses, cfg, it)
         if not torch.isfinite(loss):
@@ -321,13 +383,28 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
             sim.after_step(model)
         it += 1
         for k, v in list(losses.items()) + list(stats.items()):
-            sums[k] = sums.get(k, 0.0) + v.detach()
+            if k.startswith("box_fill"):  # NaN without instances: average over the steps that had some
+                ok = torch.isfinite(v)
+                sums[k] = sums.get(k, 0.0) + torch.where(ok, v, torch.zeros_like(v))
+                sums[k + "#n"] = sums.get(k + "#n", 0.0) + ok.float()
+            else:
+                sums[k] = sums.get(k, 0.0) + v.detach()
         sums["loss"] = sums.get("loss", 0.0) + loss.detach()
         count += 1
         bar.update(1)
         if it % cfg.log_period == 0 or it == s.max_iters:
             now = time.perf_counter()
-            rec = {k: float(v) / count for k, v in sums.items()}
+            rec = {k: float(v) / count for k, v in sums.items() if not k.startswith("box_fill")}
+            for k in ("box_fill", "box_fill_over_95"):
+                n = float(sums.get(k + "#n", 0.0))
+                rec[k] = float(sums[k]) / n if n > 0 else float("nan")
+            # One warning if the masks still fill their boxes in two log windows after the pairwise warm-up.
+            if it > fill_check_from and not fill_warned:
+                high = degenerate_warning(rec["box_fill"], cfg.loss.fill_warn) is not None
+                high_windows = high_windows + 1 if high else 0
+                if high_windows >= 2:
+                    log.warning("%s", degenerate_warning(rec["box_fill"], cfg.loss.fill_warn))
+                    fill_warned = True
             rec.update(type="train", iteration=it, images_seen=it * bs, lr=optimizer.param_groups[0]["lr"],
                        sec_per_iter=(now - t_last) / count)
             write_metrics(rec)

@@ -43,15 +43,18 @@ def score(dataset: CocoDataset, results: list[dict]) -> dict:
     return metrics
 
 
-def box_fill(results: list[dict]) -> float:
-    """Mean mask area / box area of the predictions: near 1 means box-shaped masks."""
+def box_fill(results: list[dict]) -> tuple[float, float]:
+    """Mean mask area / box area of the predictions (score >= 0.3) and the fraction of masks filling
+    more than 95% of their box: near 1 means box-shaped masks."""
     from pycocotools import mask as mask_utils
 
+    from .diagnostics import fill_of_fills
+
     fills = [
-        mask_utils.area(r["segmentation"]) / max(r["bbox"][2] * r["bbox"][3], 1e-6)
+        float(mask_utils.area(r["segmentation"])) / max(r["bbox"][2] * r["bbox"][3], 1e-6)
         for r in results if "segmentation" in r and r["score"] >= 0.3
     ]
-    return float(np.mean(fills)) if fills else float("nan")
+    return fill_of_fills(fills)
 
 
 @torch.no_grad()

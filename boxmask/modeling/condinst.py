@@ -179,15 +179,29 @@ class CondInst(nn.Module):
             box_masks = box_masks_on_grid(inst["box"], h, w, stride)
         sim = self._color_similarity(batch, stride, (h, w))
         extras = {"box_masks": box_masks, "color_sim": sim}
+        # mixed supervision: objects with a GT mask get method full's Dice, the others the box losses
+        has_mask = None
+        if "gt_masks_padded" in batch and all("has_mask" in t for t in batch["targets"]):
+            has_mask = torch.cat([t["has_mask"] for t in batch["targets"]]).to(logits.device)[inst["gt_global"]]
+            extras["has_mask"] = has_mask
+        zero = logits.sum() * 0.0
         if logits.shape[0] == 0:
-            zero = logits.sum() * 0.0
-            return {"loss_proj": zero, "loss_pairwise": zero}, extras
-        loss_proj = boxinst_loss.projection_loss(logits.sigmoid()[:, 0], box_masks).mean()
-        loss_pair = boxinst_loss.pairwise_loss(
-            logits, sim[inst["image"]], box_masks, self.cfg.loss.pairwise_color_thresh,
-            self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation,
-        )
-        return {"loss_proj": loss_proj, "loss_pairwise": loss_pair}, extras
+            return {"loss_proj": zero, "loss_pairwise": zero, **({"loss_mask": zero} if has_mask is not None else {})}, extras
+        box_only = torch.ones_like(inst["gt_global"], dtype=torch.bool) if has_mask is None else ~has_mask
+        out = {"loss_proj": zero, "loss_pairwise": zero}
+        if box_only.any():
+            lg, bm = logits[box_only], box_masks[box_only]
+            out["loss_proj"] = boxinst_loss.projection_loss(lg.sigmoid()[:, 0], bm).mean()
+            out["loss_pairwise"] = boxinst_loss.pairwise_loss(
+                lg, sim[inst["image"][box_only]], bm, self.cfg.loss.pairwise_color_thresh,
+                self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation,
+            )
+        if has_mask is not None:
+            out["loss_mask"] = zero
+            if has_mask.any():
+                gt = gt_masks_on_grid(batch, stride, (h, w))[inst["gt_global"][has_mask]].float()
+                out["loss_mask"] = boxinst_loss.dice_loss(logits[has_mask].sigmoid()[:, 0], gt).mean()
+        return out, extras
 
     def _color_similarity(self, batch: dict, stride: int, hw: tuple[int, int]) -> torch.Tensor:
         """LAB colour similarity of each image at mask resolution, with padding and the bottom rows removed."""

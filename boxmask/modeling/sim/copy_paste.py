@@ -120,10 +120,13 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
     images = batch["images"].clone()
     hp, wp = images.shape[-2:]
     dev = images.device
-    targets, regions, any_pasted = [], [], False
+    gt_masks = batch.get("gt_masks_padded")  # mixed supervision: the GT masks lose the pasted pixels too
+    targets, regions, new_gt, any_pasted = [], [], [], False
     for i, t in enumerate(batch["targets"]):
         h, w = batch["image_sizes"][i]
         boxes, labels = t["boxes"], t["labels"]
+        gt = gt_masks[i] if gt_masks is not None else None
+        has_mask = t.get("has_mask")
         region = box_pixel_masks(boxes, hp, wp)
         changed = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
         pasted = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
@@ -147,16 +150,27 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
             pasted = torch.cat([pasted, pasted.new_ones(1)])
             boxes = torch.cat([boxes, tight_boxes(m[None]).to(boxes.dtype)])
             labels = torch.cat([labels, entry["labels"][k:k + 1].to(dev)])
+            if gt is not None:
+                # pasted objects are supervised by the paste loss, not as GT-mask objects
+                gt = torch.cat([gt * (~m).to(gt.dtype), m[None].to(gt.dtype)])
+            if has_mask is not None:
+                has_mask = torch.cat([has_mask, has_mask.new_zeros(1)])
             any_pasted = True
         keep = region.flatten(1).any(1)
         if changed.any():
             boxes = boxes.clone()
             boxes[changed & keep] = tight_boxes(region[changed & keep]).to(boxes.dtype)
-        targets.append({**{k: v for k, v in t.items() if k not in ("boxes", "labels")},
-                        "boxes": boxes[keep], "labels": labels[keep], "pasted": pasted[keep]})
+        new_t = {"boxes": boxes[keep], "labels": labels[keep], "pasted": pasted[keep]}
+        if has_mask is not None:
+            new_t["has_mask"] = has_mask[keep]
+        targets.append(new_t)
         regions.append(region[keep])
+        if gt is not None:
+            new_gt.append(gt[keep])
     if not any_pasted:
         return batch
     out = dict(batch)
     out.update(images=images, targets=targets, region_masks_padded=regions)
+    if gt_masks is not None:
+        out["gt_masks_padded"] = new_gt
     return out

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ...config import Config
 from .. import boxinst_loss
 from ..color import unfold_neighbours
-from ..condinst import CondInst
+from ..condinst import CondInst, gt_masks_on_grid
 from ..dynamic_mask_head import aligned_bilinear
 from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .prototypes import Prototypes
@@ -79,8 +79,15 @@ class SIM(nn.Module):
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
+        has_mask = aux.get("has_mask")
+        if has_mask is not None and has_mask[first].any():
+            # a mask-supervised object's best mask is its GT mask: pseudo target, prototype pixels, bank
+            g_has = has_mask[first]
+            gt = gt_masks_on_grid(batch, self.cfg.model.mask_out_stride, (h, w))[groups[g_has]].float() * box[g_has]
+            m_i, target, weight = m_i.clone(), target.clone(), weight.clone()
+            m_i[g_has], target[g_has], weight[g_has] = gt, gt, box[g_has]
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
-        return {"groups": groups, "group": group, "image": g_img, "cls": g_cls, "box": box, "m_i": m_i, "m_s": m_s,
+        return {"groups": groups, "group": group, "first": first, "image": g_img, "cls": g_cls, "box": box, "m_i": m_i, "m_s": m_s,
                 "fused": fused, "target": target, "weight": weight, "tau_high": tau_high, "student": student,
                 "teacher_feats": t_feats, "teacher_z": z_t}
 
@@ -140,6 +147,11 @@ class SIM(nn.Module):
             regions = box_pixel_masks(aux["gt_boxes"][pm["groups"]], hp, wp)
         masks = (probs > s.fg_thresh) & regions
         scores = (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1.0)
+        has_mask = aux.get("has_mask")
+        if has_mask is not None and has_mask[pm["first"]].any():
+            g_has = has_mask[pm["first"]]  # GT masks at full resolution, full confidence
+            masks[g_has] = torch.cat(batch["gt_masks_padded"])[pm["groups"][g_has]].bool() & regions[g_has]
+            scores[g_has] = 1.0
         num = aux["gt_boxes"].shape[0]
         all_masks = torch.zeros(num, hp, wp, dtype=torch.bool, device=images.device)
         all_masks[pm["groups"]] = masks
