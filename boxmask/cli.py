@@ -61,6 +61,20 @@ def _eval(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from .data.coco import CocoDataset
+
+    # Lenient mode so that every problem is listed, not just the first one (printed below, not logged).
+    logging.getLogger("boxmask").setLevel(logging.ERROR)
+    ds = CocoDataset(args.json, args.images, skip_invalid=True, clip_boxes=not args.no_clip)
+    for msg in ds.report.messages:
+        print(msg)
+    print(f"{args.json}: {ds.report.summary()}")
+    with_mask, box_only = ds.mask_counts()
+    print(f"{len(ds.cat_ids)} categories; {with_mask} objects with masks, {box_only} boxes only")
+    return 1 if ds.report.skipped else 0
+
+
 def _predict(args) -> int:
     from .engine.trainer import model_from_checkpoint, resolve_device
     from .predict import predict_images
@@ -124,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-invalid", action="store_true")
     e.set_defaults(func=_eval)
 
+    c = sub.add_parser("check", help="validate a COCO json and its images; list every problem (exit 1 if any)")
+    c.add_argument("json")
+    c.add_argument("--images", required=True)
+    c.add_argument("--no-clip", action="store_true", help="report boxes partly outside the image instead of clipping them")
+    c.set_defaults(func=_check)
+
     pr = sub.add_parser("predict", help="overlay pictures and a COCO results json for images or folders")
     pr.add_argument("checkpoint", help="a .pth file or a run folder")
     pr.add_argument("inputs", nargs="+")
@@ -132,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_predict)
 
-    for sp in (s, t, e, pr):
+    for sp in (s, t, e, c, pr):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

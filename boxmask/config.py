@@ -163,6 +163,9 @@ class SolverConfig:
     # switch-on points) follow max_iters. 0 or scale_to_batch=false: no scaling.
     reference_batch: int = 0
     scale_to_batch: bool = True
+    # A step whose loss is NaN/inf is skipped (image ids logged) up to this many times in a run; one more
+    # stops training with an error, after saving a checkpoint.
+    nonfinite_skips: int = 3
 
 
 @dataclass

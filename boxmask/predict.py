@@ -54,6 +54,27 @@ def readable(image: np.ndarray, det: dict, score_thresh: float, min_side: int = 
     return image, det
 
 
+def preview(image: np.ndarray, det: dict, score_thresh: float, max_side: int = 2048) -> tuple[np.ndarray, dict]:
+    """The picture to draw for detections with RLE masks: huge images are drawn downscaled (their masks
+    decoded and shrunk one at a time, so memory stays bounded), small ones upscaled by ``readable``."""
+    import cv2
+    from pycocotools import mask as mask_util
+
+    keep = (det["scores"] >= score_thresh).nonzero().flatten().tolist()
+    h, w = image.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    ph, pw = max(int(round(h * f)), 1), max(int(round(w * f)), 1)
+    if f < 1.0:
+        image = cv2.resize(image, (pw, ph), interpolation=cv2.INTER_AREA)
+    masks = np.zeros((len(keep), ph, pw), dtype=bool)
+    for n, j in enumerate(keep):
+        m = mask_util.decode(det["rles"][j])
+        masks[n] = (cv2.resize(m, (pw, ph), interpolation=cv2.INTER_NEAREST) if f < 1.0 else m) > 0
+    small = {"boxes": det["boxes"][keep] * f, "scores": det["scores"][keep], "labels": det["labels"][keep],
+             "masks": torch.from_numpy(masks)}
+    return readable(image, small, score_thresh)
+
+
 @torch.no_grad()
 def predict_images(model, state: dict, inputs: list[str | Path], out_dir: str | Path, device: torch.device,
                    score_thresh: float = 0.3, progress: bool = True) -> Path:
@@ -72,11 +93,13 @@ def predict_images(model, state: dict, inputs: list[str | Path], out_dir: str | 
         sample = {"image": image, "boxes": torch.zeros(0, 4).numpy(), "labels": torch.zeros(0, dtype=torch.long).numpy(),
                   "image_id": image_id, "orig_size": image.shape[:2]}
         sample = apply_transforms(sample, cfg.data.min_size_test, cfg.data.max_size, False)
-        det = {k: v.cpu() for k, v in model(batch_to(collate([sample], cfg.data.size_divisibility), device))[0].items()}
+        det = model.inference(batch_to(collate([sample], cfg.data.size_divisibility), device), rle=True)[0]
+        det = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in det.items()}
         for r in detections_to_coco(image_id, det, label_to_cat):
             r["file_name"] = path.name
             results.append(r)
-        save_png(out_dir / f"{path.stem}.png", draw_instances(*readable(image, det, score_thresh), class_names, score_thresh=score_thresh))
+        del sample
+        save_png(out_dir / f"{path.stem}.png", draw_instances(*preview(image, det, score_thresh), class_names, score_thresh=score_thresh))
     json_path = out_dir / "results.json"
     atomic_write_text(json_path, json.dumps(results))
     return json_path

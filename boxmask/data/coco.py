@@ -26,14 +26,21 @@ class ValidationReport:
     num_images: int = 0
     num_boxes: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)  # one per skipped entry, naming it
+    crowd_only: int = 0  # images whose every annotation is a crowd region (kept, as negatives)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, message: str | None = None) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if message:
+            self.messages.append(message)
 
     def summary(self) -> str:
         k = sum(self.skipped.values())
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.skipped.items()))
-        return f"{self.num_images} images, {self.num_boxes} boxes, {k} skipped" + (f": {reasons}" if k else "")
+        text = f"{self.num_images} images, {self.num_boxes} boxes, {k} skipped" + (f": {reasons}" if k else "")
+        if self.crowd_only:
+            text += f"; {self.crowd_only} crowd-only images (kept as negatives)"
+        return text
 
 
 def read_json(path: str | Path) -> dict:
@@ -125,7 +132,7 @@ class CocoDataset:
         """Raise, or (lenient mode) count and log a skip. Returns True when skipping."""
         if not self._skip_invalid:
             raise DatasetError(f"{self.json_path}: {msg} (set data.skip_invalid=true to skip such entries)")
-        self.report.skip(reason)
+        self.report.skip(reason, f"{self.json_path}: {msg}")
         log.warning("%s: skipped: %s", self.json_path.name, msg)
         return True
 
@@ -135,6 +142,15 @@ class CocoDataset:
         for im in data["images"]:
             if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
                 raise DatasetError(f"{self.json_path}: image entry without 'id' or 'file_name': {str(im)[:120]}")
+            if not _is_id(im["id"]):
+                raise DatasetError(f"{self.json_path}: image id must be an integer or a string, got {im['id']!r}")
+            if not isinstance(im["file_name"], str) or not im["file_name"]:
+                self._fail("bad image entry", f"image id {im['id']}: 'file_name' must be a non-empty string, got {im['file_name']!r}")
+                continue
+            if any(k in im and not (_is_int(im[k]) and im[k] > 0) for k in ("width", "height")):
+                self._fail("bad image entry", f"image id {im['id']}: 'width'/'height' must be positive integers, got "
+                                              f"{im.get('width')!r}x{im.get('height')!r}")
+                continue
             if im["id"] in seen:
                 raise DatasetError(f"{self.json_path}: duplicate image id {im['id']}")
             seen.add(im["id"])
@@ -162,22 +178,30 @@ class CocoDataset:
             if not isinstance(a, dict) or "id" not in a:
                 raise DatasetError(f"{self.json_path}: annotation without an 'id': {str(a)[:120]}")
             aid = a["id"]
+            if not _is_id(aid):
+                raise DatasetError(f"{self.json_path}: annotation id must be an integer or a string, got {aid!r}")
             if aid in ann_ids:
                 raise DatasetError(f"{self.json_path}: duplicate annotation id {aid}")
             ann_ids.add(aid)
             iid = a.get("image_id")
-            if iid not in seen:
+            if not _is_id(iid) or iid not in seen:
                 self._fail("unknown image id", f"annotation id {aid}: unknown image_id {iid!r}")
                 continue
             if iid not in valid_ids:
                 self.report.skip("annotation of a skipped image")
                 continue
-            if a.get("category_id") not in self.cat_to_label:
+            if not _is_id(a.get("category_id")) or a.get("category_id") not in self.cat_to_label:
                 self._fail("unknown category", f"annotation id {aid} (image id {iid}): unknown category_id {a.get('category_id')!r}")
                 continue
             box = a.get("bbox")
             if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 self._fail("bad box", f"annotation id {aid} (image id {iid}): 'bbox' must be [x, y, w, h], got {box!r}")
+                continue
+            if a.get("iscrowd", 0) not in (0, 1):
+                self._fail("bad annotation", f"annotation id {aid} (image id {iid}): 'iscrowd' must be 0 or 1, got {a.get('iscrowd')!r}")
+                continue
+            if "area" in a and not (isinstance(a["area"], (int, float)) and math.isfinite(a["area"]) and a["area"] >= 0):
+                self._fail("bad annotation", f"annotation id {aid} (image id {iid}): 'area' must be a number >= 0, got {a['area']!r}")
                 continue
             x, y, w, h = (float(v) for v in box)
             if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
@@ -190,6 +214,8 @@ class CocoDataset:
                 self._fail("box outside image", f"annotation id {aid} (image id {iid}): box {box} lies outside the {W}x{H} image")
                 continue
             seg = a.get("segmentation")
+            if "segmentation" in a and seg is None:
+                a = {k: v for k, v in a.items() if k != "segmentation"}  # null = box only
             if seg is not None and not _valid_segmentation(seg, W, H):
                 self._fail("bad segmentation", f"annotation id {aid} (image id {iid}): invalid 'segmentation' (polygons need >= 3 points; RLE must be {H}x{W})")
                 continue
@@ -203,6 +229,7 @@ class CocoDataset:
             anns[iid].append(a)
             self.report.num_boxes += 1
         self.report.num_images = len(images)
+        self.report.crowd_only = sum(1 for v in anns.values() if v and all(a.get("iscrowd", 0) for a in v))
         return images, anns
 
     # -------------------------------------------------------------- access
@@ -266,15 +293,27 @@ def _has_rotation(im: Image.Image) -> bool:
         return False
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_id(v) -> bool:
+    """COCO ids: integers (or strings, which some exporters write)."""
+    return _is_int(v) or isinstance(v, str)
+
+
 def _valid_segmentation(seg, width: int, height: int) -> bool:
     if isinstance(seg, list):
-        return len(seg) > 0 and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg)
+        return len(seg) > 0 and all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)
+            for p in seg)
     if isinstance(seg, dict):
         size = seg.get("size")
         if not (isinstance(size, list) and list(size) == [height, width]) or "counts" not in seg:
             return False
         if isinstance(seg["counts"], list):
-            return sum(seg["counts"]) == height * width
+            return all(_is_int(c) and c >= 0 for c in seg["counts"]) and sum(seg["counts"]) == height * width
         try:
             mask_utils.area(seg if isinstance(seg["counts"], bytes) else dict(seg, counts=seg["counts"].encode()))
         except Exception:

@@ -51,3 +51,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a boxmask checkpoint")
     return state
+
+
+def load_latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest readable checkpoint of a run (the one ``last_checkpoint`` names first, then the others
+    by iteration, newest first), its state, and a message per unreadable one skipped."""
+    run_dir = Path(run_dir)
+    first = last_checkpoint(run_dir)
+    others = sorted(run_dir.glob("model_[0-9]*.pth"), key=lambda p: p.name, reverse=True)
+    candidates = ([first] if first else []) + [p for p in others if p != first]
+    problems = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path), problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    raise CheckpointError(f"no readable checkpoint in {run_dir}" + (": " + "; ".join(problems) if problems else ""))

@@ -26,7 +26,7 @@ from ..modeling.condinst import CondInst
 from ..modeling.criterion import pseudo_weight, total_loss
 from ..modeling.sim.method import SIM
 from ..atomic_io import atomic_write_text
-from .checkpoint import CheckpointError, last_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, last_checkpoint, load_checkpoint, load_latest_good, save_checkpoint
 
 log = logging.getLogger("boxmask")
 
@@ -226,7 +226,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     start_iter = 0
     state = None
     if resume:
-        state = load_checkpoint(existing)
+        existing, state, problems = load_latest_good(run_dir)
+        for msg in problems:
+            log.warning("%s; resuming from %s instead", msg, existing.name)
         check_categories(state, train_set, cfg.data.train_json)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -243,6 +245,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         _set_rng(state["rng"])
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
     handler = _setup_logging(run_dir)
     try:
         if not resume:
@@ -250,10 +254,27 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         log.info("%s: %d classes %s, device %s, %s from iteration %d to %d",
                  cfg.method, len(train_set.cat_ids), train_set.class_names, device,
                  "resuming" if resume else "training", start_iter, cfg.solver.max_iters)
-        return _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress)
+        return _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress,
+                     (state or {}).get("nonfinite_skipped", 0))
     finally:
         logging.getLogger("boxmask").removeHandler(handler)
         handler.close()
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop the records a killed run wrote after the checkpoint it resumes from (they are redone), so the
+    metrics of a resumed run equal an uninterrupted run's; a torn last line goes too."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("iteration", 0) <= iteration:
+            keep.append(line)
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def _rng_state() -> dict:
@@ -304,7 +325,8 @@ def save_paste_pictures(batch: dict, folder: Path, iteration: int, class_names: 
     return written
 
 
-def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress) -> dict:
+def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress,
+          nonfinite_start: int = 0) -> dict:
     s = cfg.solver
     bs = s.ims_per_batch
     sampler = TrainSampler(len(train_set), bs, cfg.seed, start_iter, s.max_iters)
@@ -324,7 +346,7 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "iteration": it, "config": to_dict(cfg), "class_names": train_set.class_names,
-            "cat_ids": train_set.cat_ids, "rng": _rng_state(),
+            "cat_ids": train_set.cat_ids, "rng": _rng_state(), "nonfinite_skipped": nonfinite,
         }
         if sim is not None:
             state["sim"] = sim.state_dict()
@@ -351,6 +373,7 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
     # the fill check starts well after the pairwise warm-up: masks are box-shaped until the term bites
     fill_check_from = (max(2 * cfg.loss.pairwise_warmup_frac, 0.3) * s.max_iters) if cfg.method != "full" else float("inf")
     high_windows, fill_warned = 0, False
+    nonfinite = int(nonfinite_start)
     for batch in loader:
         for g in optimizer.param_groups:
             g["lr"] = s.lr * g["lr_mult"] * lr_factor(cfg, it)
@@ -370,8 +393,20 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
         losses = {k: v.float() for k, v in losses.items()}
         loss = total_loss(losses, cfg, it)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss at iteration {it} (images {batch['image_ids']}): "
-                                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+            nonfinite += 1
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            if nonfinite > s.nonfinite_skips:
+                checkpoint(it)
+                raise TrainingError(
+                    f"non-finite loss at iteration {it} (images {batch['image_ids']}): {terms}; "
+                    f"{nonfinite} such steps, more than solver.nonfinite_skips={s.nonfinite_skips}. Checkpoint "
+                    f"saved in {run_dir}; lower solver.lr or check these images")
+            log.warning("non-finite loss at iteration %d (images %s): %s; step skipped (%d of %d allowed)",
+                        it, batch["image_ids"], terms, nonfinite, s.nonfinite_skips)
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            bar.update(1)
+            continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if s.clip_grad_norm > 0:

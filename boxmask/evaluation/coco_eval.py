@@ -75,9 +75,11 @@ def detections_to_coco(image_id: int, det: dict, label_to_cat: list[int]) -> lis
         # A negative label would otherwise silently index from the end.
         raise ValueError(f"labels must be in [0, {len(label_to_cat)}), got {labels.min()}..{labels.max()}")
 
-    rles: list[dict] | None = None
+    rles: list[dict] | None = det.get("rles")
     masks = det.get("masks")
-    if masks is not None:
+    if rles is not None and len(rles) != n:
+        raise ValueError(f"rles must hold one RLE per detection ({n}), got {len(rles)}")
+    if rles is None and masks is not None:
         masks = _to_numpy(masks)
         if masks.ndim == 4 and masks.shape[1] == 1:  # tolerate [N,1,H,W]
             masks = masks[:, 0]

@@ -4,6 +4,7 @@ In training ``forward`` returns the unweighted loss terms selected by ``method``
 applied in ``criterion.py``); in eval it returns detections in original image coordinates."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -218,7 +219,10 @@ class CondInst(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def inference(self, batch: dict) -> list[dict[str, torch.Tensor]]:
+    def inference(self, batch: dict, rle: bool = False) -> list[dict]:
+        """Detections per image: boxes (original size), scores, labels and ``masks`` [N, oh, ow] bool; with
+        ``rle`` the masks come as ``rles`` (COCO compressed RLE), pasted and encoded one at a time so
+        memory stays bounded on huge images."""
         m = self.cfg.model
         images = batch["images"]
         out = self.head_outputs(images)
@@ -249,10 +253,24 @@ class CondInst(nn.Module):
             keep = batched_nms(boxes.float(), sc.float(), labels, m.nms_thresh)[: m.detections_per_image]
             loc_idx, labels, sc, boxes = loc_idx[keep], labels[keep], sc[keep], boxes[keep]
             logits = self.instance_mask_logits(out, torch.full_like(loc_idx, i), loc_idx)
-            masks = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
             scale = torch.tensor([ow / iw, oh / ih, ow / iw, oh / ih], device=boxes.device)
-            results.append({"boxes": boxes.float() * scale, "scores": sc.float(), "labels": labels, "masks": masks})
+            det = {"boxes": boxes.float() * scale, "scores": sc.float(), "labels": labels}
+            if rle:
+                det["rles"] = [encode_rle(paste_masks(logits[j : j + 1], m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)[0])
+                               for j in range(logits.shape[0])]
+            else:
+                det["masks"] = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
+            results.append(det)
         return results
+
+
+def encode_rle(mask: torch.Tensor) -> dict:
+    """A boolean [h, w] mask as COCO compressed RLE with a str ``counts`` (JSON-ready)."""
+    from pycocotools import mask as mask_util
+
+    r = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    r["counts"] = r["counts"].decode("ascii")
+    return r
 
 
 def box_masks_on_grid(boxes: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
