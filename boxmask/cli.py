@@ -38,8 +38,9 @@ def _eval(args) -> int:
     model, state = model_from_checkpoint(args.checkpoint, device)
     dataset = CocoDataset(args.json, args.images, skip_invalid=args.skip_invalid)
     check_categories(state, dataset, args.json)
+    results: list = []
     metrics = evaluate_model(model, dataset, model.cfg, device, progress=not args.no_progress,
-                             sim=sim_from_checkpoint(model, state, device), mask_quality=True)
+                             sim=sim_from_checkpoint(model, state, device), mask_quality=True, results_out=results)
     print(format_table(metrics))
     if "mask_iou" in metrics:
         mi = metrics["mask_iou"]
@@ -58,6 +59,23 @@ def _eval(args) -> int:
     if args.out:
         atomic_write_text(args.out, json.dumps(metrics, indent=2))
         print(f"metrics written to {args.out}")
+    if args.viz:
+        from .evaluation.evaluator import save_worst_pictures
+
+        folder = args.viz_out or str(Path(args.out).parent / "eval_viz" if args.out else "eval_viz")
+        paths = save_worst_pictures(dataset, results, args.viz, folder)
+        print(f"{len(paths)} pictures (GT | predicted, worst mask IoU first) written to {folder}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import build_report
+
+    try:
+        path = build_report(args.run, args.out, args.pictures, args.device)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(f"report written to {path}")
     return 0
 
 
@@ -136,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the metrics as JSON here")
     e.add_argument("--device", default="auto")
     e.add_argument("--skip-invalid", action="store_true")
+    e.add_argument("--viz", type=int, default=0, metavar="N",
+                   help="save N images with GT and predicted masks side by side, worst mask IoU first")
+    e.add_argument("--viz-out", help="folder for --viz pictures (default: eval_viz/ beside --out, or ./eval_viz)")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser("check", help="validate a COCO json and its images; list every problem (exit 1 if any)")
@@ -152,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_predict)
 
-    for sp in (s, t, e, c, pr):
+    rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions")
+    rp.add_argument("run", help="a run folder (finished or in progress)")
+    rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
+    rp.add_argument("--pictures", type=int, default=4, help="validation images to show with predictions")
+    rp.add_argument("--device", default="cpu")
+    rp.set_defaults(func=_report)
+
+    for sp in (s, t, e, c, pr, rp):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -184,6 +184,10 @@ class Config:
     deterministic: bool = False
     log_period: int = 20
     checkpoint_period: int = 1000
+    # TensorBoard event files in the run folder (scalars at every log period); pictures of training
+    # images, SIM's maps and copy-paste composites every tb_image_period iterations (0 = none).
+    tensorboard: bool = True
+    tb_image_period: int = 0
     eval_period: int = 0  # 0 = evaluate at the end only
     keep_checkpoints: int = 2
 

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .atomic_io import atomic_write_bytes
 
-__all__ = ["PALETTE", "draw_instances", "side_by_side", "save_png"]
+__all__ = ["PALETTE", "draw_instances", "side_by_side", "save_png", "heatmap", "pseudo_label_picture",
+           "sim_maps_picture", "grid"]
 
 # Fixed, saturated palette (tab10 + a few extras): colour depends only on the
 # instance index, so repeated renders of the same detections look identical.
@@ -167,6 +168,87 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarra
     out = np.full((h, left.shape[1] + gap + right.shape[1], 3), 255, dtype=np.uint8)
     out[: left.shape[0], : left.shape[1]] = left
     out[: right.shape[0], left.shape[1] + gap :] = right
+    return out
+
+
+# Pseudo-label colours: confident foreground, confident background, ignore band inside the box,
+# outside the box (no pseudo supervision).
+PSEUDO_FG = (255, 255, 255)
+PSEUDO_BG = (0, 0, 0)
+PSEUDO_IGNORED = (255, 140, 0)
+PSEUDO_OUTSIDE = (70, 70, 90)
+
+
+def heatmap(prob: Any) -> np.ndarray:
+    """A [0, 1] map [h, w] as an RGB picture (dark blue -> green -> yellow, viridis-like)."""
+    p = np.clip(_to_numpy(prob).astype(np.float32), 0.0, 1.0)
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
+    x = p * (len(stops) - 1)
+    i = np.minimum(x.astype(np.int64), len(stops) - 2)
+    t = (x - i)[..., None]
+    return np.rint(stops[i] * (1 - t) + stops[i + 1] * t).astype(np.uint8)
+
+
+def pseudo_label_picture(target: Any, weight: Any, box: Any) -> np.ndarray:
+    """A thresholded pseudo label: foreground white, background black, the ignore band (inside the box,
+    weight 0) orange, outside the box grey."""
+    t, wt, b = (_to_numpy(v) > 0.5 for v in (target, weight, box))
+    out = np.empty(t.shape + (3,), np.uint8)
+    out[:] = PSEUDO_OUTSIDE
+    out[b & ~wt] = PSEUDO_IGNORED
+    out[b & wt & ~t] = PSEUDO_BG
+    out[b & wt & t] = PSEUDO_FG
+    return out
+
+
+def _upscale(img: np.ndarray, min_side: int) -> np.ndarray:
+    s = max(1, -(-min_side // max(1, min(img.shape[:2]))))
+    return np.repeat(np.repeat(img, s, axis=0), s, axis=1) if s > 1 else img
+
+
+def _titled(img: np.ndarray, title: str) -> np.ndarray:
+    pil = Image.new("RGB", (img.shape[1], img.shape[0] + 14), (255, 255, 255))
+    pil.paste(Image.fromarray(img), (0, 14))
+    ImageDraw.Draw(pil).text((2, 1), title, fill=(0, 0, 0), font=ImageFont.load_default())
+    return np.asarray(pil, np.uint8).copy()
+
+
+def sim_maps_picture(image: np.ndarray, m_s: Any, m_i: Any, fused: Any, target: Any, weight: Any, box: Any,
+                     min_side: int = 96) -> np.ndarray:
+    """One object's SIM maps side by side: the image (at the maps' resolution) with the box, the semantic
+    map M_S, the instance map M_I, the fused map, and the thresholded pseudo label with its ignore band.
+    ``m_s`` may be None (semantic map switched off)."""
+    img = _as_rgb_uint8(image).copy()
+    b = _to_numpy(box) > 0.5
+    img[_boundary(b)] = (255, 0, 0)
+    panels = [("image", img)]
+    if m_s is not None:
+        panels.append(("M_S", heatmap(m_s)))
+    panels += [("M_I", heatmap(m_i)), ("fused", heatmap(fused)), ("pseudo", pseudo_label_picture(target, weight, box))]
+    out = None
+    for title, p in panels:
+        p = _titled(_upscale(p, min_side), title)
+        out = p if out is None else side_by_side(out, p)
+    return out
+
+
+def grid(pictures: list[np.ndarray], columns: int = 2, gap: int = 4) -> np.ndarray:
+    """Pictures in rows of ``columns`` (white gaps; sizes may differ)."""
+    if not pictures:
+        return np.full((8, 8, 3), 255, np.uint8)
+    rows = []
+    for k in range(0, len(pictures), columns):
+        row = pictures[k]
+        for p in pictures[k + 1 : k + columns]:
+            row = side_by_side(row, p, gap)
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    height = sum(r.shape[0] for r in rows) + gap * (len(rows) - 1)
+    out = np.full((height, width, 3), 255, np.uint8)
+    y = 0
+    for r in rows:
+        out[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0] + gap
     return out
 
 

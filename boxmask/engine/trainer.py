@@ -26,6 +26,8 @@ from ..modeling.condinst import CondInst
 from ..modeling.criterion import pseudo_weight, total_loss
 from ..modeling.sim.method import SIM
 from ..atomic_io import atomic_write_text
+from ..visualize import grid
+from .events import EventWriter, paste_picture, prediction_pictures, sim_pictures
 from .checkpoint import CheckpointError, last_checkpoint, load_checkpoint, load_latest_good, save_checkpoint
 
 log = logging.getLogger("boxmask")
@@ -189,11 +191,13 @@ def load_datasets(cfg: Config) -> tuple[CocoDataset, CocoDataset | None]:
 
 
 def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.device, progress: bool = True,
-                   sim: SIM | None = None, mask_quality: bool = False) -> dict:
+                   sim: SIM | None = None, mask_quality: bool = False, results_out: list | None = None) -> dict:
     """AP (pycocotools), matched-mask IoU and box fill; with ``mask_quality`` (a json with GT masks) also
     the IoU of the masks made for the GT boxes: the model's, and SIM's pseudo masks when ``sim`` is given."""
     results = predict_dataset(model, dataset, cfg.data.min_size_test, cfg.data.max_size, device,
                               progress=progress, size_divisibility=cfg.data.size_divisibility)
+    if results_out is not None:
+        results_out.extend(results)
     metrics = score(dataset, results)
     metrics["box_fill"], metrics["box_fill_over_95"] = box_fill(results)
     if mask_quality and dataset.has_masks:
@@ -301,27 +305,35 @@ def train_fill(aux: dict, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     return fill_from_logits(logits, boxes)
 
 
-def save_paste_pictures(batch: dict, folder: Path, iteration: int, class_names: list[str], limit: int) -> int:
-    """Draw up to ``limit`` copy-paste composites of ``batch`` with their updated boxes and supervision
-    regions (pasted objects labelled "pasted"); returns how many were written."""
-    from ..predict import readable
-    from ..visualize import draw_instances, save_png
+@torch.no_grad()
+def write_pictures(events: EventWriter, batch: dict, aux: dict, sim, cfg: Config, class_names: list[str], it: int) -> None:
+    """TensorBoard pictures of this training step (rank 0; a no-op when TensorBoard is off)."""
+    if events.writer is None:
+        return
+    stride = cfg.model.mask_out_stride
+    pic = prediction_pictures(batch, aux, stride, class_names)
+    if pic is not None:
+        events.image("train/predicted_masks", pic, it)
+    if sim is not None and aux["mask_logits"].shape[0]:
+        pic = sim_pictures(batch, sim.pseudo_masks(batch, aux), stride)
+        if pic is not None:
+            events.image("train/sim_maps", pic, it)
+    if "region_masks_padded" in batch:
+        pasted = [i for i, t in enumerate(batch["targets"]) if bool(t["pasted"].any())][:4]
+        events.image("train/copy_paste", grid([paste_picture(batch, i, class_names) for i in pasted]), it)
 
-    names = list(class_names) + [f"pasted {n}" for n in class_names]
+
+def save_paste_pictures(batch: dict, folder: Path, iteration: int, class_names: list[str], limit: int) -> int:
+    """Save up to ``limit`` copy-paste composites of ``batch``; returns how many were written."""
+    from ..visualize import save_png
+
     written = 0
     for i, t in enumerate(batch["targets"]):
         if written >= limit:
             break
-        if not bool(t["pasted"].any()):
-            continue
-        h, w = batch["image_sizes"][i]
-        image = batch["images"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy()
-        det = {"boxes": t["boxes"].cpu(), "labels": (t["labels"] + len(class_names) * t["pasted"].long()).cpu(),
-               "scores": torch.ones(len(t["boxes"])), "masks": batch["region_masks_padded"][i][:, :h, :w].cpu()}
-        image, det = readable(image, det, 0.0)
-        det.pop("scores")
-        save_png(folder / f"iter{iteration:07d}_img{batch['image_ids'][i]}.png", draw_instances(image, det, names))
-        written += 1
+        if bool(t["pasted"].any()):
+            save_png(folder / f"iter{iteration:07d}_img{batch['image_ids'][i]}.png", paste_picture(batch, i, class_names))
+            written += 1
     return written
 
 
@@ -342,7 +354,7 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def checkpoint(it: int) -> None:
+    def checkpoint(it: int, nonfinite: int) -> None:
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "iteration": it, "config": to_dict(cfg), "class_names": train_set.class_names,
@@ -352,11 +364,25 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
             state["sim"] = sim.state_dict()
         save_checkpoint(run_dir, f"model_{it:07d}.pth", state, cfg.keep_checkpoints)
 
+    events = EventWriter(run_dir, cfg.tensorboard, start_iter)
+    try:
+        return _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter,
+                            run_dir, progress, nonfinite_start, loader, write_metrics, checkpoint, events)
+    finally:
+        events.close()
+
+
+def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir,
+                 progress, nonfinite_start, loader, write_metrics, checkpoint, events) -> dict:
+    s = cfg.solver
+    bs = s.ims_per_batch
+
     def run_eval(it: int) -> dict:
         if val_set is None:
             return {}
         m = evaluate_model(model, val_set, cfg, device, progress)
         write_metrics({"type": "eval", "iteration": it, "images_seen": it * bs, **m})
+        events.scalars("eval", m, it)
         log.info("iteration %d (%d images seen)\n%s", it, it * bs, format_table(m))
         if it == s.max_iters and ap_gap_warning(m):
             log.warning("%s", ap_gap_warning(m))
@@ -389,6 +415,8 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
                 extra, stats = sim.losses(batch, aux, pseudo_on=pseudo_weight(cfg, it) > 0)
                 losses.update(extra)
         stats["box_fill"], stats["box_fill_over_95"] = train_fill(aux, cfg.model.mask_out_stride)
+        if cfg.tb_image_period and it % cfg.tb_image_period == 0:
+            write_pictures(events, batch, aux, sim, cfg, train_set.class_names, it)
         del aux
         losses = {k: v.float() for k, v in losses.items()}
         loss = total_loss(losses, cfg, it)
@@ -396,7 +424,7 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
             nonfinite += 1
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             if nonfinite > s.nonfinite_skips:
-                checkpoint(it)
+                checkpoint(it, nonfinite)
                 raise TrainingError(
                     f"non-finite loss at iteration {it} (images {batch['image_ids']}): {terms}; "
                     f"{nonfinite} such steps, more than solver.nonfinite_skips={s.nonfinite_skips}. Checkpoint "
@@ -443,6 +471,7 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
             rec.update(type="train", iteration=it, images_seen=it * bs, lr=optimizer.param_groups[0]["lr"],
                        sec_per_iter=(now - t_last) / count)
             write_metrics(rec)
+            events.scalars("train", {k: v for k, v in rec.items() if k not in ("type", "iteration")}, it)
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in rec.items() if k.startswith("loss")})
             # Without a progress bar, the log carries the progress.
             (log.debug if progress else log.info)(
@@ -451,11 +480,11 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
                 rec["lr"], rec["sec_per_iter"])
             sums, count, t_last = {}, 0, now
         if it % cfg.checkpoint_period == 0 and it < s.max_iters:
-            checkpoint(it)
+            checkpoint(it, nonfinite)
         if cfg.eval_period and it % cfg.eval_period == 0 and it < s.max_iters:
             run_eval(it)
     bar.close()
-    checkpoint(it)
+    checkpoint(it, nonfinite)
     final = run_eval(it)
     if final:
         atomic_write_text(run_dir / "metrics.json", json.dumps({"iteration": it, "images_seen": it * bs, **final}, indent=2))

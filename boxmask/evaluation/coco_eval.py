@@ -210,17 +210,43 @@ def _xywh_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def matched_mask_iou(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5) -> dict[str, float | int]:
-    """Mean mask IoU of detections matched to GT objects.
+    """Mean mask IoU of detections matched to GT objects (see ``gt_mask_ious``).
+
+    Returns ``{"mIoU": mean over all GT, "mIoU_matched": mean over matched GT,
+    "recall": matched fraction, "num_gt": int}``; means over nothing are NaN.
+    """
+    per_image = gt_mask_ious(coco_gt, results, iou_thresh)
+    ious = [v for img in per_image.values() for v in img]
+    matched_ious = [v for v in ious if v >= 0]
+    ious = [max(v, 0.0) for v in ious]  # unmatched GT count as IoU 0
+    num_gt = len(ious)
+    nan = float("nan")
+    return {
+        "mIoU": float(np.mean(ious)) if num_gt else nan,
+        "mIoU_matched": float(np.mean(matched_ious)) if matched_ious else nan,
+        "recall": len(matched_ious) / num_gt if num_gt else nan,
+        "num_gt": num_gt,
+    }
+
+
+def worst_images_first(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5) -> list[tuple[int, float]]:
+    """(image id, mean mask IoU over its GT objects), lowest first; images without GT masks are left out."""
+    per_image = gt_mask_ious(coco_gt, results, iou_thresh)
+    scored = [(img_id, float(np.mean([max(v, 0.0) for v in v_list]))) for img_id, v_list in per_image.items() if v_list]
+    return sorted(scored, key=lambda t: (t[1], t[0]))
+
+
+def gt_mask_ious(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5) -> dict[int, list[float]]:
+    """Mask IoU of each GT object with the detection matched to it.
 
     GT = non-crowd annotations with a segmentation. Per image and category,
     detections with a segmentation are visited in descending score order and
     each takes the still-unmatched GT with the highest *box* IoU
     ``>= iou_thresh`` (COCO-style greedy one-to-one matching). Matching on
     boxes, not masks, is deliberate: it measures mask quality of objects the
-    detector found, independent of the mask itself. Unmatched GT count as IoU 0.
+    detector found, independent of the mask itself.
 
-    Returns ``{"mIoU": mean over all GT, "mIoU_matched": mean over matched GT,
-    "recall": matched fraction, "num_gt": int}``; means over nothing are NaN.
+    Returns, per image, one value per GT object: the mask IoU of its match, or -1 when unmatched.
     """
     # Index detections by (image, category), only those usable for mask IoU.
     dts_by_key: dict[tuple[int, int], list[dict]] = {}
@@ -228,9 +254,9 @@ def matched_mask_iou(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5
         if r.get("segmentation"):
             dts_by_key.setdefault((int(r["image_id"]), int(r["category_id"])), []).append(r)
 
-    ious: list[float] = []
-    matched_ious: list[float] = []
+    out: dict[int, list[float]] = {}
     for img_id in coco_gt.getImgIds():
+        out[img_id] = []
         img = coco_gt.imgs[img_id]
         h, w = int(img["height"]), int(img["width"])
         gts_by_cat: dict[int, list[dict]] = {}
@@ -248,7 +274,7 @@ def matched_mask_iou(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5
             gt_boxes = np.array([g["bbox"] for g in gts], dtype=np.float64).reshape(-1, 4)
             box_iou = _xywh_iou(dt_boxes, gt_boxes)
 
-            gt_iou = [0.0] * len(gts)
+            gt_iou = [-1.0] * len(gts)
             taken = np.zeros(len(gts), dtype=bool)
             for di in range(len(dts)):
                 cand = np.where(~taken, box_iou[di], -1.0)
@@ -258,17 +284,8 @@ def matched_mask_iou(coco_gt: COCO, results: list[dict], iou_thresh: float = 0.5
                 taken[gi] = True
                 # Decode lazily: only matched detections need their mask.
                 gt_iou[gi] = _mask_iou(_segm_to_mask(dts[di]["segmentation"], h, w), coco_gt.annToMask(gts[gi]))
-                matched_ious.append(gt_iou[gi])
-            ious.extend(gt_iou)
-
-    num_gt = len(ious)
-    nan = float("nan")
-    return {
-        "mIoU": float(np.mean(ious)) if num_gt else nan,
-        "mIoU_matched": float(np.mean(matched_ious)) if matched_ious else nan,
-        "recall": len(matched_ious) / num_gt if num_gt else nan,
-        "num_gt": num_gt,
-    }
+            out[img_id].extend(gt_iou)
+    return out
 
 
 def _fmt(v: float) -> str:

@@ -76,14 +76,17 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
         for batch in tqdm(loader, desc="gt-box masks", disable=not progress, leave=False):
             batch = batch_to(batch, device)
             num_gt += sum(len(t["boxes"]) for t in batch["targets"])
-            _, aux = model.forward_train(batch, return_aux=True)
+            # the GT masks are what the masks are measured against: the model and SIM see boxes only
+            boxes_only = {**batch, "targets": [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]]}
+            boxes_only.pop("gt_masks_padded", None)
+            _, aux = model.forward_train(boxes_only, return_aux=True)
             inst = aux["inst"]
             if inst["image"].numel() == 0:
                 continue
             h, w = aux["mask_logits"].shape[-2:]
             gt = gt_masks_on_grid(batch, stride, (h, w)).bool()
             if sim is not None:
-                pm = sim.pseudo_masks(batch, aux)
+                pm = sim.pseudo_masks(boxes_only, aux)
                 groups, student = pm["groups"], pm["student"]
                 ious["pseudo"].extend(_iou(pm["target"] > 0, gt[groups]).tolist())
             else:
@@ -106,3 +109,42 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+def save_worst_pictures(dataset: CocoDataset, results: list[dict], n: int, out_dir, score_thresh: float = 0.3) -> list:
+    """The ``n`` images with the lowest mean mask IoU (GT objects vs their matched predictions), worst
+    first: GT masks on the left, predictions on the right. Returns the written paths."""
+    from pathlib import Path
+
+    from pycocotools import mask as mask_utils
+
+    from ..data.coco import load_image
+    from ..predict import readable
+    from ..visualize import draw_instances, save_png, side_by_side
+    from .coco_eval import worst_images_first
+
+    label = {c: i for i, c in enumerate(dataset.cat_ids)}
+    by_image: dict = {}
+    for r in results:
+        if r["score"] >= score_thresh and "segmentation" in r:
+            by_image.setdefault(r["image_id"], []).append(r)
+    paths = []
+    for rank, (img_id, miou) in enumerate(worst_images_first(dataset.coco, results)[:n], start=1):
+        info = dataset.coco.imgs[img_id]
+        image = load_image(dataset.image_root / info["file_name"])
+        gts = [a for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=[img_id])) if not a.get("iscrowd", 0)]
+        preds = by_image.get(img_id, [])
+        pics = []
+        for anns, masks in ((gts, [dataset.coco.annToMask(a) for a in gts]),
+                            (preds, [mask_utils.decode(r["segmentation"]) for r in preds])):
+            boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                                  for a in anns], dtype=torch.float32).reshape(-1, 4)
+            det = {"boxes": boxes, "labels": torch.tensor([label[a["category_id"]] for a in anns], dtype=torch.long),
+                   "scores": torch.tensor([float(a.get("score", 1.0)) for a in anns]),
+                   "masks": torch.from_numpy(np.stack(masks) > 0) if masks else torch.zeros(0, *image.shape[:2], dtype=torch.bool)}
+            img, det = readable(image, det, 0.0)
+            pics.append(draw_instances(img, det, dataset.class_names, score_thresh=0.0))
+        path = Path(out_dir) / f"{rank:03d}_image{img_id}_maskIoU{miou:.2f}.png"
+        save_png(path, side_by_side(*pics))
+        paths.append(path)
+    return paths
