@@ -68,6 +68,47 @@ def _eval(args) -> int:
     return 0
 
 
+def _pseudo_label(args) -> int:
+    from .data.coco import CocoDataset
+    from .engine.trainer import check_categories, model_from_checkpoint, resolve_device
+    from .pseudo_label import gt_miou, pseudo_label, write_pseudo_labels
+
+    device = resolve_device(args.device)
+    model, state = model_from_checkpoint(args.checkpoint, device)
+    dataset = CocoDataset(args.json, args.images)
+    check_categories(state, dataset, args.json)
+    labels, counts = pseudo_label(model, dataset, device, args.mask_thresh, args.min_quality, progress=not args.no_progress)
+    write_pseudo_labels(args.json, labels, args.out, args.min_quality)
+    n = counts["objects"]
+    print(f"{n} objects: {n - counts['empty'] - counts['no_positive']} masks, {counts['empty']} empty masks and "
+          f"{counts['no_positive']} objects without a positive location given their filled box "
+          f"(pseudo_fallback in the json), {counts['low_quality']} below --min-quality {args.min_quality} "
+          "(pseudo_low_quality)")
+    miou = gt_miou(dataset, labels)
+    if miou is not None:
+        print(f"pseudo masks vs the GT masks of {args.json}: mIoU {miou:.3f}")
+    print(f"written to {args.out}")
+    return 0
+
+
+def _convert(args) -> int:
+    from .atomic_io import atomic_write_text
+    from .data import convert
+
+    if args.fmt == "yolo":
+        if not args.images or not args.names:
+            raise ConfigError("--from yolo needs --images DIR (the images) and --names FILE (one class per line)")
+        data = convert.from_yolo(args.src, args.images, args.names)
+    elif args.fmt == "voc":
+        data = convert.from_voc(args.src)
+    else:
+        data = convert.from_labelme(args.src)
+    atomic_write_text(args.out, json.dumps(data))
+    print(f"{len(data['images'])} images, {len(data['annotations'])} boxes, {len(data['categories'])} categories "
+          f"({', '.join(c['name'] for c in data['categories'])}) written to {args.out}")
+    return 0
+
+
 def _report(args) -> int:
     from .report import build_report
 
@@ -173,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_predict)
 
+    pl = sub.add_parser("pseudo-label", help="a mask for every GT box of a COCO json (for any downstream model)")
+    pl.add_argument("checkpoint", help="a .pth file or a run folder")
+    pl.add_argument("--json", required=True, help="COCO json with the boxes")
+    pl.add_argument("--images", required=True)
+    pl.add_argument("--out", required=True, help="the same json with RLE masks added")
+    pl.add_argument("--mask-thresh", type=float, default=0.5)
+    pl.add_argument("--min-quality", type=float, default=0.0,
+                    help="flag masks whose mean probability is below this (pseudo_low_quality)")
+    pl.add_argument("--device", default="auto")
+    pl.set_defaults(func=_pseudo_label)
+
+    cv = sub.add_parser("convert", help="Pascal VOC / YOLO / LabelMe boxes to a COCO json")
+    cv.add_argument("src", help="VOC: folder of .xml; YOLO: folder of .txt labels; LabelMe: folder of .json")
+    cv.add_argument("--from", dest="fmt", required=True, choices=["voc", "yolo", "labelme"])
+    cv.add_argument("--out", required=True)
+    cv.add_argument("--images", help="(yolo) the images folder")
+    cv.add_argument("--names", help="(yolo) class names, one per line")
+    cv.set_defaults(func=_convert)
+
     rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions")
     rp.add_argument("run", help="a run folder (finished or in progress)")
     rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
@@ -180,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--device", default="cpu")
     rp.set_defaults(func=_report)
 
-    for sp in (s, t, e, c, pr, rp):
+    for sp in (s, t, e, c, pr, pl, rp):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

