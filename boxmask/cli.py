@@ -109,6 +109,21 @@ def _convert(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import warnings
+
+    from .engine.trainer import model_from_checkpoint
+    from .export import export_onnx
+
+    model, _ = model_from_checkpoint(args.checkpoint, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
+        path = export_onnx(model, args.onnx)
+    print(f"ONNX model written to {path}: input 'image' uint8 [1, 3, H, W]; outputs boxes, scores, labels, "
+          "masks (probabilities at the input size)")
+    return 0
+
+
 def _report(args) -> int:
     from .report import build_report
 
@@ -232,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--images", help="(yolo) the images folder")
     cv.add_argument("--names", help="(yolo) class names, one per line")
     cv.set_defaults(func=_convert)
+
+    ex = sub.add_parser("export", help="the inference model as ONNX (dynamic image size)")
+    ex.add_argument("checkpoint", help="a .pth file or a run folder")
+    ex.add_argument("--onnx", required=True, help="output .onnx file")
+    ex.set_defaults(func=_export)
 
     rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions")
     rp.add_argument("run", help="a run folder (finished or in progress)")

