@@ -49,6 +49,8 @@ class ModelConfig:
     # is refused unless reinit_classifier (then only the class logits layer starts fresh).
     init_from: str = ""
     reinit_classifier: bool = False
+    # Under DDP (torchrun), BatchNorm layers (model.norm=bn) as SyncBatchNorm: statistics over the global batch.
+    sync_bn: bool = False
     norm: str = "frozen_bn"  # frozen_bn | bn  (backbone normalisation)
     freeze_at: int = 2  # 0 = train everything; 1 = freeze the stem; 2 = stem + first stage
     fpn_channels: int = 256

@@ -28,6 +28,7 @@ from ..modeling.sim.method import SIM
 from ..atomic_io import atomic_write_text
 from ..visualize import grid
 from .events import EventWriter, paste_picture, prediction_pictures, sim_pictures
+from . import distributed as ddp
 from .checkpoint import CheckpointError, last_checkpoint, load_checkpoint, load_latest_good, save_checkpoint
 
 log = logging.getLogger("boxmask")
@@ -194,8 +195,13 @@ def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.devic
                    sim: SIM | None = None, mask_quality: bool = False, results_out: list | None = None) -> dict:
     """AP (pycocotools), matched-mask IoU and box fill; with ``mask_quality`` (a json with GT masks) also
     the IoU of the masks made for the GT boxes: the model's, and SIM's pseudo masks when ``sim`` is given."""
+    # under DDP each rank predicts its share of the images; rank 0 scores them all
     results = predict_dataset(model, dataset, cfg.data.min_size_test, cfg.data.max_size, device,
-                              progress=progress, size_divisibility=cfg.data.size_divisibility)
+                              progress=progress, size_divisibility=cfg.data.size_divisibility,
+                              shard=(ddp.rank(), ddp.world_size()))
+    results = ddp.gather_lists(results)
+    if not ddp.is_main():
+        return {}
     if results_out is not None:
         results_out.extend(results)
     metrics = score(dataset, results)
@@ -206,22 +212,42 @@ def evaluate_model(model, dataset: CocoDataset, cfg: Config, device: torch.devic
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``cfg.out``; returns the final evaluation metrics (empty without val data)."""
+    """Train ``cfg`` into ``cfg.out``; returns the final evaluation metrics (empty without val data, and
+    on ranks other than 0). Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the
+    process group, trains its share of each global batch with DDP, and only rank 0 writes."""
+    created, local_rank = ddp.init_from_env(cfg.device)
+    try:
+        return _train(cfg, resume, progress, local_rank)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
     run_dir = Path(cfg.out)
     existing = last_checkpoint(run_dir) if run_dir.exists() else None
     if resume and existing is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir}")
     if not resume and existing is not None:
         raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    world, main = ddp.world_size(), ddp.is_main()
+    ddp.barrier()  # every rank has looked at RUN/ before rank 0 writes into it
     device = resolve_device(cfg.device)
-    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    if not main:
+        progress = False
+        logging.getLogger("boxmask").setLevel(logging.ERROR)  # rank 0 speaks for the run
     cfg, scaling = scale_for_batch(cfg, world)
     if scaling:
         log.info("%s", scaling)
     seed_everything(cfg.seed, cfg.deterministic)
     # Everything that can fail on the user's input is checked before RUN/ is written.
     train_set, val_set = load_datasets(cfg)
-    model = build_model(cfg, len(train_set.cat_ids)).to(device)
+    model = build_model(cfg, len(train_set.cat_ids))
+    if cfg.model.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if cfg.model.init_from and not resume:
         init_from_checkpoint(model, cfg, train_set)
     # SIM's teacher starts as a copy of the student (restored below when resuming).
@@ -248,21 +274,25 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     if state is not None and "rng" in state:
         _set_rng(state["rng"])
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
-    handler = _setup_logging(run_dir)
+    handler = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
+        handler = _setup_logging(run_dir)
     try:
-        if not resume:
+        if main and not resume:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        log.info("%s: %d classes %s, device %s, %s from iteration %d to %d",
+        log.info("%s: %d classes %s, device %s%s, %s from iteration %d to %d",
                  cfg.method, len(train_set.cat_ids), train_set.class_names, device,
+                 f", {world} processes x {cfg.solver.ims_per_batch} images" if world > 1 else "",
                  "resuming" if resume else "training", start_iter, cfg.solver.max_iters)
         return _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress,
                      (state or {}).get("nonfinite_skipped", 0))
     finally:
-        logging.getLogger("boxmask").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("boxmask").removeHandler(handler)
+            handler.close()
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
@@ -341,20 +371,33 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
           nonfinite_start: int = 0) -> dict:
     s = cfg.solver
     bs = s.ims_per_batch
-    sampler = TrainSampler(len(train_set), bs, cfg.seed, start_iter, s.max_iters)
+    # each rank takes its slice of every global batch (the sampler is a function of seed and iteration)
+    sampler = TrainSampler(len(train_set), bs, cfg.seed, start_iter, s.max_iters, ddp.rank(), ddp.world_size())
+    workers = cfg.data.num_workers
     loader = DataLoader(
         TrainDataset(train_set, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, uses_gt_masks(cfg, train_set)),
-        batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        batch_sampler=sampler, num_workers=workers,
         collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility),
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )
     metrics_path = run_dir / "metrics.jsonl"
 
     def write_metrics(rec: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if ddp.is_main():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     def checkpoint(it: int, nonfinite: int) -> None:
+        if ddp.world_size() > 1:
+            # the student's parameters (its BatchNorm statistics are per rank, as under any DDP), the whole
+            # teacher and the prototypes
+            tensors = list(model.parameters()) + (list(sim.state_dict().values()) if sim else [])
+            diff = ddp.ranks_differ([t for t in tensors if torch.is_tensor(t) and t.is_floating_point()])
+            if diff > 0:
+                raise TrainingError(f"iteration {it}: the ranks' weights, teacher or prototypes differ (by {diff:.3g})")
+            log.info("iteration %d: all %d ranks hold the same weights, teacher and prototypes", it, ddp.world_size())
+        if not ddp.is_main():
+            return
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "iteration": it, "config": to_dict(cfg), "class_names": train_set.class_names,
@@ -375,12 +418,22 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
 def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir,
                  progress, nonfinite_start, loader, write_metrics, checkpoint, events) -> dict:
     s = cfg.solver
-    bs = s.ims_per_batch
+    bs = s.ims_per_batch * ddp.world_size()  # images per step, all ranks together
+    main = ddp.is_main()
+    runner = model
+    if ddp.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a batch without objects leaves the mask branch out of the graph
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=True)
 
     def run_eval(it: int) -> dict:
         if val_set is None:
             return {}
         m = evaluate_model(model, val_set, cfg, device, progress)
+        if not main:
+            return {}
         write_metrics({"type": "eval", "iteration": it, "images_seen": it * bs, **m})
         events.scalars("eval", m, it)
         log.info("iteration %d (%d images seen)\n%s", it, it * bs, format_table(m))
@@ -406,11 +459,11 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         batch = batch_to(batch, device)
         if sim is not None:
             batch = sim.copy_paste(batch, it, cfg.seed)
-            if viz_left > 0 and "region_masks_padded" in batch:
+            if viz_left > 0 and main and "region_masks_padded" in batch:
                 viz_left -= save_paste_pictures(batch, run_dir / "paste_viz", it, train_set.class_names, viz_left)
         stats: dict = {}
         with autocast:
-            losses, aux = model.forward_train(batch, return_aux=True)
+            losses, aux = runner(batch, return_aux=True)
             if sim is not None:
                 extra, stats = sim.losses(batch, aux, pseudo_on=pseudo_weight(cfg, it) > 0)
                 losses.update(extra)
@@ -420,7 +473,7 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         del aux
         losses = {k: v.float() for k, v in losses.items()}
         loss = total_loss(losses, cfg, it)
-        if not torch.isfinite(loss):
+        if not ddp.all_ranks_true(bool(torch.isfinite(loss))):  # every rank skips, or none does
             nonfinite += 1
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             if nonfinite > s.nonfinite_skips:
@@ -457,6 +510,7 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         bar.update(1)
         if it % cfg.log_period == 0 or it == s.max_iters:
             now = time.perf_counter()
+            sums = ddp.mean_over_ranks(sums)  # logged values: the mean over the ranks
             rec = {k: float(v) / count for k, v in sums.items() if not k.startswith("box_fill")}
             for k in ("box_fill", "box_fill_over_95"):
                 n = float(sums.get(k + "#n", 0.0))
@@ -486,6 +540,6 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
     bar.close()
     checkpoint(it, nonfinite)
     final = run_eval(it)
-    if final:
+    if final and main:
         atomic_write_text(run_dir / "metrics.json", json.dumps({"iteration": it, "images_seen": it * bs, **final}, indent=2))
     return final

@@ -5,7 +5,7 @@ import functools
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..data.batch import EvalDataset, batch_to, collate
@@ -16,10 +16,14 @@ from .coco_eval import detections_to_coco, evaluate, matched_mask_iou
 @torch.no_grad()
 def predict_dataset(model, dataset: CocoDataset, min_size: int, max_size: int, device: torch.device,
                     batch_size: int = 4, progress: bool = True, label_to_cat: list[int] | None = None,
-                    size_divisibility: int = 32) -> list[dict]:
-    """COCO result dicts (boxes + RLE masks) for every image of ``dataset``."""
+                    size_divisibility: int = 32, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """COCO result dicts (boxes + RLE masks) for every image of ``dataset`` (with ``shard`` = (rank,
+    world size): for every world-size-th image, starting at rank)."""
     label_to_cat = label_to_cat or dataset.cat_ids
-    loader = DataLoader(EvalDataset(dataset, min_size, max_size), batch_size=batch_size, shuffle=False,
+    images = EvalDataset(dataset, min_size, max_size)
+    if shard[1] > 1:
+        images = Subset(images, list(range(shard[0], len(images), shard[1])))
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False,
                         collate_fn=functools.partial(collate, size_divisibility=size_divisibility))
     was_training = model.training
     model.eval()

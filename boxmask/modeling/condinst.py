@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
@@ -83,9 +84,10 @@ class CondInst(nn.Module):
         """Per-level [B, K, h, w] -> [B, sum(h*w), K]."""
         return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
 
-    def forward(self, batch: dict):
+    def forward(self, batch: dict, return_aux: bool = False):
+        # training goes through forward (not forward_train directly) so that DDP sees it
         if self.training:
-            return self.forward_train(batch)
+            return self.forward_train(batch, return_aux)
         return self.inference(batch)
 
     # ------------------------------------------------------------------ training
@@ -121,11 +123,20 @@ class CondInst(nn.Module):
         out = self.head_outputs(images)
         tgt = self.assign_targets(out, targets)
         bsz = images.shape[0]
-        num_pos = float(batch.get("num_pos_avg", max(int((tgt["labels"] >= 0).sum()), 1)))
+        pos = tgt["labels"] >= 0
+        norms = torch.stack([pos.sum().float(), tgt["ctr"][pos].sum().float()])
+        ctr_norm = None
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # normalise by the mean positive count (and centerness sum) over the ranks: DDP's averaged
+            # gradients then equal those of one process on the global batch (as AdelaiDet's reduce_sum)
+            dist.all_reduce(norms)
+            norms = norms / dist.get_world_size()
+            ctr_norm = float(norms[1])
+        num_pos = max(float(norms[0]), 1.0)
         loss = fcos_losses(
             out["cls"].reshape(-1, self.num_classes), out["reg"].reshape(-1, 4), out["ctr"].reshape(-1),
             out["locations"].repeat(bsz, 1), tgt["labels"].reshape(-1), tgt["reg"].reshape(-1, 4),
-            tgt["ctr"].reshape(-1), max(num_pos, 1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma,
+            tgt["ctr"].reshape(-1), max(num_pos, 1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma, ctr_norm,
         )
         inst = self._select_instances(out["cls"], out["ctr"], tgt["gt_idx"], tgt["labels"])
         offsets = torch.tensor([0] + [len(t["boxes"]) for t in targets], device=images.device).cumsum(0)

@@ -93,11 +93,13 @@ def fcos_losses(
     num_pos_norm: float,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    ctr_norm: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """FCOS losses over all locations of the batch, flattened: ``cls_logits`` [L, C]; ``labels`` [L]
     with -1 for background; regression and centerness on the positives only.
 
-    ``num_pos_norm`` is the number of positives (averaged over processes under DDP)."""
+    ``num_pos_norm`` is the number of positives and ``ctr_norm`` the sum of their centerness targets
+    (which normalises the box loss; default: this batch's), both averaged over the processes under DDP."""
     pos = labels >= 0
     onehot = torch.zeros_like(cls_logits)
     onehot[pos, labels[pos]] = 1.0
@@ -107,7 +109,8 @@ def fcos_losses(
         boxes_tgt = ltrb_to_boxes(locations[pos], reg_targets[pos])
         ctr_t = ctr_targets[pos]
         giou = generalized_box_iou_loss(boxes_pred.float(), boxes_tgt.float(), reduction="none")
-        loss_box = (giou * ctr_t).sum() / ctr_t.sum().clamp(min=1e-6)
+        norm = ctr_t.sum() if ctr_norm is None else torch.tensor(ctr_norm, device=ctr_t.device)
+        loss_box = (giou * ctr_t).sum() / norm.clamp(min=1e-6)
         loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits[pos].float(), ctr_t, reduction="sum") / num_pos_norm
     else:
         loss_box = reg_pred.sum() * 0.0

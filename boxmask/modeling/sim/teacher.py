@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 
@@ -37,6 +38,10 @@ class EMATeacher(nn.Module):
         s_bufs = dict(student.named_buffers())
         for name, b in self.model.named_buffers():
             b.copy_(s_bufs[name])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # BatchNorm statistics are per rank: take rank 0's, so every rank's teacher stays identical
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, student_fpn: list[torch.Tensor] | None = None) -> dict:
