@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | mobilenet_v2
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v2
     # none | path to a .pth state dict | a torchvision weights enum name such as "ResNet50_Weights.IMAGENET1K_V1"
     weights: str = "none"
     # Fine-tuning: start from a boxmask checkpoint (a .pth or a run folder); a json with other categories

@@ -248,6 +248,8 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
     if cfg.model.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions with AMP on CUDA
     if cfg.model.init_from and not resume:
         init_from_checkpoint(model, cfg, train_set)
     # SIM's teacher starts as a copy of the student (restored below when resuming).

@@ -19,7 +19,7 @@ class WeightsError(RuntimeError):
     """Requested backbone weights cannot be found or do not fit."""
 
 
-_RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+_RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # MobileNetV2 ``features`` indices ending at stride 8, 16, 32, and their channels.
 _MBV2_LAYERS = {"6": "0", "13": "1", "18": "2"}
 _MBV2_CHANNELS = [32, 96, 1280]
@@ -75,7 +75,7 @@ def _body(cfg: ModelConfig) -> tuple[nn.Module, dict[str, str], list[int]]:
     if name == "mobilenet_v2":
         net = torchvision.models.mobilenet_v2(weights=None, norm_layer=norm)
         return net, dict(_MBV2_LAYERS), list(_MBV2_CHANNELS)
-    raise WeightsError(f"unknown backbone '{name}' (resnet18, resnet34, resnet50, mobilenet_v2)")
+    raise WeightsError(f"unknown backbone '{name}' (resnet18, resnet34, resnet50, resnet101, mobilenet_v2)")
 
 
 def _freeze(net: nn.Module, cfg: ModelConfig) -> None:
