@@ -94,7 +94,10 @@ def lr_factor(cfg: Config, it: int) -> float:
 
 
 def build_model(cfg: Config, num_classes: int) -> CondInst:
-    return CondInst(cfg, num_classes)
+    # Channels-last weights: faster convolutions for inference on the CPU (~25% for the SIM teacher's
+    # pass), with AMP on CUDA, and no slower for CPU training. The EMA teacher copies the layout, so its
+    # update stays a plain elementwise pass (a layout mismatch made it ~20x slower).
+    return CondInst(cfg, num_classes).to(memory_format=torch.channels_last)
 
 
 def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
@@ -248,8 +251,6 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
     if cfg.model.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # faster convolutions with AMP on CUDA
     if cfg.model.init_from and not resume:
         init_from_checkpoint(model, cfg, train_set)
     # SIM's teacher starts as a copy of the student (restored below when resuming).

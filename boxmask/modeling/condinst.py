@@ -47,7 +47,7 @@ class CondInst(nn.Module):
     def head_outputs(self, images: torch.Tensor) -> dict:
         """Backbone, FCOS head and mask branch on a uint8 batch; head outputs flattened over levels:
         cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]."""
-        x = (images.float() - self.pixel_mean) / self.pixel_std
+        x = ((images.float() - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
         return self.heads_on(self.backbone(x))
 
     def heads_on(self, feats: list[torch.Tensor]) -> dict:
