@@ -162,7 +162,10 @@ def to_markdown(results: dict) -> str:
         f"{results['iters']} iterations for every variant; {results['threads']} CPU thread(s) per run; overrides: "
         f"{results['overrides'] or 'none'}. AP is COCO AP from pycocotools on the val split. "
         "s / iteration is the wall time of these runs, data loading included, and runs may have shared the "
-        "machine: `step_time.py` compares methods on identical batches.",
+        "machine: `speed.py` compares methods on identical batches. Variants are run one at a time as the code "
+        "grows, each with its full override list (rows measured before copy-paste existed carry "
+        "`sim.copy_paste=false`, which is what they ran). One run per variant: differences of about 0.02 AP are "
+        "within run-to-run noise at this size.",
         "",
         "## Learning curves",
         "",
@@ -175,13 +178,15 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {name} | {c['images_seen']} | {_f(c['box_AP'])} | {_f(c['mask_AP'])} | {ratio:.2f} | "
                          f"{_f(c['mask_mIoU'])} | {c['box_fill']:.2f} |")
     lines += ["", "## Final model", "",
-              "| variant | mask AP | mask AP, near-colour val | mask AP, same-class-overlap val | train boxes: model mIoU | "
-              "train boxes: pseudo-mask mIoU | s / iteration |", "|---|---|---|---|---|---|---|"]
+              "| variant | box AP | mask AP | mask AP, near-colour val | mask AP, same-class-overlap val | box fill | "
+              "train boxes: model mIoU | train boxes: pseudo-mask mIoU | s / iteration |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         h = run["hard_cases"]
         q = run["train_box_masks"]
-        lines.append(f"| {name} | {_f(run['curve'][-1]['mask_AP'])} | {_f(h['near_colour']['mask_AP'])} | "
-                     f"{_f(h['same_class_overlap']['mask_AP'])} | {_f(q['model_mIoU'])} | {_f(q.get('pseudo_mIoU', float('nan')))} | "
+        lines.append(f"| {name} | {_f(run['curve'][-1]['box_AP'])} | {_f(run['curve'][-1]['mask_AP'])} | "
+                     f"{_f(h['near_colour']['mask_AP'])} | "
+                     f"{_f(h['same_class_overlap']['mask_AP'])} | {run['curve'][-1]['box_fill']:.2f} | {_f(q['model_mIoU'])} | {_f(q.get('pseudo_mIoU', float('nan')))} | "
                      f"{run['sec_per_iter']:.3f} |")
     return "\n".join(lines) + "\n"
 
