@@ -65,7 +65,9 @@ VARIANTS = {
 def run_variant(name: str, data: Path, args) -> dict:
     method, train_json, extra = VARIANTS[name]
     out = ROOT / "work" / "runs" / f"{args.name}_{name}"
-    shutil.rmtree(out, ignore_errors=True)
+    reuse = args.reuse_runs and (out / "metrics.json").is_file()
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(args.config, [
         f"method={method}", f"data.train_json={data / train_json}", f"data.train_images={data / 'images'}",
         f"data.val_json={data / 'val.json'}", f"data.val_images={data / 'images'}", f"out={out}",
@@ -74,7 +76,8 @@ def run_variant(name: str, data: Path, args) -> dict:
     ])
     print(f"== {name}", flush=True)
     t0 = time.perf_counter()
-    train(cfg, progress=sys.stderr.isatty())
+    if not reuse:
+        train(cfg, progress=sys.stderr.isatty())
     wall = time.perf_counter() - t0
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in records if r["type"] == "train"]
@@ -95,7 +98,7 @@ def run_variant(name: str, data: Path, args) -> dict:
     quality = evaluate_model(model, train_sub, model.cfg, torch.device("cpu"), progress=False, sim=sim,
                              mask_quality=True)["gt_box_masks"]
     stats = {k: train_recs[-1][k] for k in ("pseudo_fg", "pseudo_ignored") if k in train_recs[-1]}
-    res = {"method": method, "overrides": extra, "curve": curve, "sec_per_iter": sec, "wall_seconds": wall,
+    res = {"method": method, "overrides": extra, "curve": curve, "sec_per_iter": sec, "wall_seconds": None if reuse else wall,
            "ims_per_batch": cfg.solver.ims_per_batch, "hard_cases": hard, "train_box_masks": quality,
            "last_train_stats": stats}
     last = curve[-1]
@@ -116,6 +119,8 @@ def main() -> None:
     ap.add_argument("--name", default="mask_learning")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--summary-only", action="store_true", help="rebuild the tables from the variants already run")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="skip training where the variant's run folder holds a finished run; evaluate it again")
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every variant")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -89,6 +89,9 @@ def test_full_method_trains(synth_data, tmp_path):
     assert _train(synth_data, tmp_path / "full", method="full", iters=2) == 0
     ckpt = load_checkpoint(tmp_path / "full")
     assert ckpt["config"]["method"] == "full"
+    # the masks-for-GT-boxes check runs the model on boxes only: a full checkpoint must cope
+    assert main(["eval", str(tmp_path / "full"), "--json", str(synth_data / "train_full.json"), "--images",
+                 str(synth_data / "images"), "--device", "cpu", "--no-progress"]) == 0
 
 
 def test_truncated_checkpoint_is_a_clear_error(run, tmp_path, capsys):

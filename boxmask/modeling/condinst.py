@@ -179,7 +179,9 @@ class CondInst(nn.Module):
         """The mask terms of ``method`` and (for reuse) the box masks / colour similarities."""
         stride = self.cfg.model.mask_out_stride
         h, w = logits.shape[-2:]
-        if self.method == "full":
+        # method full needs the GT masks; without them (a boxes-only batch, e.g. mask-quality evaluation
+        # or pseudo-labelling) the box losses stand in, which also yields the box masks SIM reads
+        if self.method == "full" and "gt_masks_padded" in batch:
             if logits.shape[0] == 0:
                 return {"loss_mask": logits.sum() * 0.0}, {}
             tgt = gt_masks_on_grid(batch, stride, (h, w))[inst["gt_global"]].float()
