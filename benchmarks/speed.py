@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--keep-inference", action="store_true",
+                    help="reuse the inference table of the last results/speed.json; measure training only")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -193,7 +195,10 @@ def main() -> None:
     base = {"device": args.device, "threads": args.threads}
     result: dict = {"device": device_name, "threads": args.threads or torch.get_num_threads(), "inference": {},
                     "train": {}, "train_vs_size": {}, "train_vs_objects": {}}
-    for forced in (False, True):
+    previous = ROOT / "results" / "speed.json"
+    if args.keep_inference and previous.is_file():
+        result["inference"] = json.loads(previous.read_text())["inference"]
+    for forced in (False, True) if not result["inference"] else ():
         for backbone in ("resnet50", "mobilenet_v2"):
             for model in ("boxmask", "maskrcnn"):
                 r = _child("inference", {**base, "model": model, "backbone": backbone, "size": args.size,
