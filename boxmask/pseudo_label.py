@@ -14,16 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_util
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic_io import atomic_write_text
-from .data.batch import EvalDataset, batch_to, collate
+from .data.batch import EvalDataset, batch_to, boxes_only, collate
 from .data.coco import CocoDataset, coco_from_dict, read_json
-from .modeling.condinst import encode_rle
-from .modeling.dynamic_mask_head import aligned_bilinear
+from .modeling.condinst import encode_rle, paste_probs
 from .modeling.sim.copy_paste import box_pixel_masks
 from .modeling.sim.self_correction import merge_per_object
 
@@ -46,10 +44,7 @@ def pseudo_label(model, dataset: CocoDataset, device: torch.device, mask_thresh:
         anns = [a for a in dataset.annotations[image_id] if not a.get("iscrowd", 0)]
         if not anns:
             continue
-        t = batch["targets"][0]
-        boxes_only = {**batch, "targets": [{"boxes": t["boxes"], "labels": t["labels"]}]}
-        boxes_only.pop("gt_masks_padded", None)
-        _, aux = model.forward_train(boxes_only, return_aux=True)
+        _, aux = model.forward_train(boxes_only(batch), return_aux=True)
         ih, iw = batch["image_sizes"][0]
         oh, ow = batch["orig_sizes"][0]
         merged_by_obj: dict[int, torch.Tensor] = {}
@@ -66,10 +61,7 @@ def pseudo_label(model, dataset: CocoDataset, device: torch.device, mask_thresh:
                 fallback = "no_positive"
             else:
                 # one object at a time at the original size: memory stays bounded on large images
-                p = aligned_bilinear(prob[None, None], stride)[:, :, :ih, :iw]
-                if (ih, iw) != (oh, ow):
-                    p = F.interpolate(p, size=(oh, ow), mode="bilinear", align_corners=False)
-                p = p[0, 0]
+                p = paste_probs(prob[None], stride, (ih, iw), (oh, ow))[0]
                 mask = (p > mask_thresh) & box
                 if not mask.any():
                     fallback = "empty"

@@ -119,3 +119,11 @@ def batch_to(batch: dict, device: torch.device) -> dict:
     if "gt_masks_padded" in batch:
         out["gt_masks_padded"] = [m.to(device, non_blocking=nb) for m in batch["gt_masks_padded"]]
     return out
+
+
+def boxes_only(batch: dict) -> dict:
+    """The batch without any GT mask (targets keep boxes and labels): what a box-supervised model may see
+    when its masks are measured against, or made for, the GT boxes."""
+    out = {k: v for k, v in batch.items() if k != "gt_masks_padded"}
+    out["targets"] = [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]]
+    return out

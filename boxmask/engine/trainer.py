@@ -136,9 +136,14 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def same_categories(state: dict, dataset: CocoDataset) -> bool:
+    """Whether a checkpoint and a json have the same categories (ids and names, in order)."""
+    return state.get("cat_ids") == dataset.cat_ids and state.get("class_names") == dataset.class_names
+
+
 def check_categories(state: dict, dataset: CocoDataset, json_path) -> None:
-    """A checkpoint only fits a json with the same categories (ids and names, in order)."""
-    if state.get("cat_ids") != dataset.cat_ids or state.get("class_names") != dataset.class_names:
+    """A checkpoint only fits a json with the same categories."""
+    if not same_categories(state, dataset):
         raise ConfigError(
             f"{json_path} has categories {dict(zip(dataset.cat_ids, dataset.class_names))}, but the checkpoint was "
             f"trained on {dict(zip(state.get('cat_ids', []), state.get('class_names', [])))}; to fine-tune on new "
@@ -151,7 +156,7 @@ def init_from_checkpoint(model: CondInst, cfg: Config, train_set: CocoDataset) -
     path = Path(cfg.model.init_from)
     state = load_checkpoint(path)
     weights = state["model"]
-    if state.get("cat_ids") != train_set.cat_ids or state.get("class_names") != train_set.class_names:
+    if not same_categories(state, train_set):
         if not cfg.model.reinit_classifier:
             check_categories(state, train_set, cfg.data.train_json)
         weights = {k: v for k, v in weights.items() if not k.startswith("head.cls_logits.")}

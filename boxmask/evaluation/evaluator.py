@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..data.batch import EvalDataset, batch_to, collate
+from ..data.batch import EvalDataset, batch_to, boxes_only, collate
 from ..data.coco import CocoDataset
 from .coco_eval import detections_to_coco, evaluate, matched_mask_iou
 
@@ -81,16 +81,15 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
             batch = batch_to(batch, device)
             num_gt += sum(len(t["boxes"]) for t in batch["targets"])
             # the GT masks are what the masks are measured against: the model and SIM see boxes only
-            boxes_only = {**batch, "targets": [{"boxes": t["boxes"], "labels": t["labels"]} for t in batch["targets"]]}
-            boxes_only.pop("gt_masks_padded", None)
-            _, aux = model.forward_train(boxes_only, return_aux=True)
+            no_masks = boxes_only(batch)
+            _, aux = model.forward_train(no_masks, return_aux=True)
             inst = aux["inst"]
             if inst["image"].numel() == 0:
                 continue
             h, w = aux["mask_logits"].shape[-2:]
             gt = gt_masks_on_grid(batch, stride, (h, w)).bool()
             if sim is not None:
-                pm = sim.pseudo_masks(boxes_only, aux)
+                pm = sim.pseudo_masks(no_masks, aux)
                 groups, student = pm["groups"], pm["student"]
                 ious["pseudo"].extend(_iou(pm["target"] > 0, gt[groups]).tolist())
             else:

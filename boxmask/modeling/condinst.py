@@ -286,13 +286,19 @@ def encode_rle(mask: torch.Tensor) -> dict:
     return r
 
 
-def box_masks_on_grid(boxes: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
-    """[N, h, w] masks of the grid cells (centres at ``j*stride + stride/2``) inside each xyxy box."""
+def box_cells(boxes: torch.Tensor, h: int, w: int, stride: int = 1) -> torch.Tensor:
+    """[N, h, w] bool: the cells of a stride-``stride`` grid (centres at ``j*stride + stride/2``, pixel
+    centres for stride 1) inside each xyxy box."""
     xs = torch.arange(w, device=boxes.device, dtype=torch.float32) * stride + stride // 2 + 0.5
     ys = torch.arange(h, device=boxes.device, dtype=torch.float32) * stride + stride // 2 + 0.5
     in_x = (xs[None] > boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])
     in_y = (ys[None] > boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])
-    return (in_y[:, :, None] & in_x[:, None, :]).float()
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def box_masks_on_grid(boxes: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
+    """[N, h, w] float masks of the mask-grid cells inside each xyxy box."""
+    return box_cells(boxes, h, w, stride).float()
 
 
 def gt_masks_on_grid(batch: dict, stride: int, hw: tuple[int, int], key: str = "gt_masks_padded") -> torch.Tensor:
@@ -302,13 +308,18 @@ def gt_masks_on_grid(batch: dict, stride: int, hw: tuple[int, int], key: str = "
     return gt[:, : hw[0], : hw[1]]
 
 
-def paste_masks(logits: torch.Tensor, stride: int, image_size: tuple[int, int], orig_size: tuple[int, int], thresh: float) -> torch.Tensor:
-    """Stride-``stride`` mask logits -> boolean masks [N, oh, ow] at the original image size."""
+def paste_probs(probs: torch.Tensor, stride: int, image_size: tuple[int, int], orig_size: tuple[int, int]) -> torch.Tensor:
+    """Stride-``stride`` mask probabilities [N, h, w] -> [N, oh, ow] at the original image size."""
     ih, iw = image_size
     oh, ow = orig_size
-    if logits.shape[0] == 0:
-        return torch.zeros(0, oh, ow, dtype=torch.bool, device=logits.device)
-    probs = aligned_bilinear(logits.float().sigmoid(), stride)[:, :, :ih, :iw]
+    p = aligned_bilinear(probs.float()[:, None], stride)[:, :, :ih, :iw]
     if (ih, iw) != (oh, ow):
-        probs = F.interpolate(probs, size=(oh, ow), mode="bilinear", align_corners=False)
-    return probs[:, 0] > thresh
+        p = F.interpolate(p, size=(oh, ow), mode="bilinear", align_corners=False)
+    return p[:, 0]
+
+
+def paste_masks(logits: torch.Tensor, stride: int, image_size: tuple[int, int], orig_size: tuple[int, int], thresh: float) -> torch.Tensor:
+    """Stride-``stride`` mask logits -> boolean masks [N, oh, ow] at the original image size."""
+    if logits.shape[0] == 0:
+        return torch.zeros(0, *orig_size, dtype=torch.bool, device=logits.device)
+    return paste_probs(logits.float().sigmoid()[:, 0], stride, image_size, orig_size) > thresh

@@ -12,14 +12,12 @@ import torch
 import torch.nn as nn
 from torchvision.ops import masks_to_boxes
 
+from ..condinst import box_cells
+
 
 def box_pixel_masks(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[K, h, w] bool: pixels whose centre lies inside each xyxy box (the same rule as the mask grid)."""
-    xs = torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5
-    ys = torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5
-    in_x = (xs[None] > boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3])
-    in_y = (ys[None] > boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4])
-    return in_y[:, :, None] & in_x[:, None, :]
+    """[K, h, w] bool: pixels whose centre lies inside each xyxy box (the mask grid's rule at stride 1)."""
+    return box_cells(boxes, h, w, 1)
 
 
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:

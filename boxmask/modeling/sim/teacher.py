@@ -31,10 +31,9 @@ class EMATeacher(nn.Module):
         """theta' <- m theta' + (1 - m) theta; buffers (BN statistics) are copied from the student."""
         m = self.momentum
         s_params = dict(student.named_parameters())
-        names = [n for n, _ in self.model.named_parameters()]
+        t_params = list(self.model.named_parameters())
         # one fused lerp over all tensors: t + (1 - m)(s - t) = m t + (1 - m) s
-        torch._foreach_lerp_([p for _, p in self.model.named_parameters()],
-                             [s_params[n].detach() for n in names], 1.0 - m)
+        torch._foreach_lerp_([p for _, p in t_params], [s_params[n].detach() for n, _ in t_params], 1.0 - m)
         s_bufs = dict(student.named_buffers())
         for name, b in self.model.named_buffers():
             b.copy_(s_bufs[name])
