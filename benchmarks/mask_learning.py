@@ -52,6 +52,8 @@ VARIANTS = {
     "sim-student-backbone": ("sim", "train.json", ["sim.copy_paste=false", "sim.teacher_backbone=student"]),
     # SIM with online copy-paste (the default method: sim)
     "sim": ("sim", "train.json", []),
+    # the same with the teacher's EMA heads on the student's FPN features
+    "sim-student-teacher": ("sim", "train.json", ["sim.teacher_backbone=student"]),
     # the released code's copy-paste: bank of 50, half of the objects with replacement, score cubed
     "sim-release-copy-paste": ("sim", "train.json", ["sim.bank_length=50", "sim.paste_fraction=0.5",
                                                      "sim.paste_replacement=true", "sim.paste_score_power=3"]),
