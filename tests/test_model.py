@@ -37,7 +37,45 @@ def test_topk_per_gt_keeps_best_per_object():
     gt = torch.tensor([0, 0, 0, 1, 1, 0])
     score = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.7])
     keep = topk_per_gt(gt, score, total=4)  # 2 per GT
-    assert sorted(keep.tolist()) == [1, 3, 4, 5]
+    assert torch.nonzero(keep).flatten().tolist() == [1, 3, 4, 5]
+
+
+def test_topk_per_gt_over_a_batch_equals_per_image():
+    """The batched selection (GT ids global over the batch, caps per image) keeps what a loop over the
+    images would: each GT's ``total // n_i`` best, n_i = GTs with candidates in its image."""
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 1]
+    gt_image = torch.tensor([i for i, n in enumerate(counts) for _ in range(n)])
+    offsets = [0, 3, 3, 8, 9]
+    per_image, cand_gt, cand_score = [], [], []
+    for i, n in enumerate(counts):
+        k = 40
+        gi = torch.randint(-1, n, (k,), generator=g) if n else torch.full((k,), -1)
+        sc = torch.rand(k, generator=g)
+        ref = torch.zeros(k, dtype=torch.bool)
+        valid = torch.nonzero(gi >= 0).flatten()
+        if valid.numel():
+            ref[valid[topk_per_gt(gi[valid], sc[valid], 7)]] = True
+        per_image.append(ref)
+        cand_gt.append(torch.where(gi >= 0, gi + offsets[i], -1))
+        cand_score.append(sc)
+    keep = topk_per_gt(torch.cat(cand_gt), torch.cat(cand_score), 7, gt_image, len(counts))
+    assert torch.equal(keep, torch.cat(per_image))
+    assert keep.sum() > 0
+
+
+def test_giou_loss_matches_torchvision():
+    from torchvision.ops import generalized_box_iou_loss
+
+    from boxmask.modeling.fcos import giou_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(200, 2, generator=g) * 50
+    b = torch.rand(200, 2, generator=g) * 50
+    boxes1 = torch.cat([a, a + torch.rand(200, 2, generator=g) * 30], 1)
+    boxes2 = torch.cat([b, b + torch.rand(200, 2, generator=g) * 30], 1)
+    boxes2[:20] = boxes1[:20]  # identical pairs: loss 0
+    assert torch.allclose(giou_loss(boxes1, boxes2), generalized_box_iou_loss(boxes1, boxes2, reduction="none"), atol=1e-6)
 
 
 def test_dynamic_head_shapes_and_default_params():

@@ -90,7 +90,7 @@ def prediction_pictures(batch: dict, aux: dict, stride: int, class_names: list[s
 def sim_pictures(batch: dict, pm: dict, stride: int, max_objects: int = 4) -> np.ndarray | None:
     """Per object (up to ``max_objects``): image, M_S, M_I, fused map and pseudo label, cropped around the box."""
     rows = []
-    for g in range(min(max_objects, pm["box"].shape[0])):
+    for g in torch.nonzero(pm["has_pos"]).flatten()[:max_objects].tolist():
         box = pm["box"][g] > 0
         if not box.any():
             continue

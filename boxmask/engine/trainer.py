@@ -481,7 +481,11 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         del aux
         losses = {k: v.float() for k, v in losses.items()}
         loss = total_loss(losses, cfg, it)
-        if not ddp.all_ranks_true(bool(torch.isfinite(loss))):  # every rank skips, or none does
+        finite = torch.isfinite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        # backward is queued before the host reads the finite flag, so a GPU keeps working meanwhile
+        scaler.scale(loss).backward()
+        if not ddp.all_ranks_true(bool(finite)):  # every rank skips, or none does
             nonfinite += 1
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             if nonfinite > s.nonfinite_skips:
@@ -496,8 +500,6 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             it += 1
             bar.update(1)
             continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
         if s.clip_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)

@@ -90,8 +90,9 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
             gt = gt_masks_on_grid(batch, stride, (h, w)).bool()
             if sim is not None:
                 pm = sim.pseudo_masks(no_masks, aux)
-                groups, student = pm["groups"], pm["student"]
-                ious["pseudo"].extend(_iou(pm["target"] > 0, gt[groups]).tolist())
+                covered = pm["has_pos"]  # the objects with positives (the others have no masks)
+                groups, student = pm["groups"][covered], pm["student"][covered]
+                ious["pseudo"].extend(_iou(pm["target"][covered] > 0, gt[groups]).tolist())
             else:
                 groups, _, _, student = merge_per_object(inst, aux["mask_logits"].float().sigmoid()[:, 0],
                                                          cfg.sim.mu, cfg.sim.weighting)

@@ -4,6 +4,8 @@ In training ``forward`` returns the unweighted loss terms selected by ``method``
 applied in ``criterion.py``); in eval it returns detections in original image coordinates."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -42,37 +44,45 @@ class CondInst(nn.Module):
         )
         self.register_buffer("pixel_mean", torch.tensor(cfg.data.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.data.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # per-level constants kept on the model's device, so no step copies them from the host
+        self.register_buffer("level_strides", torch.tensor(self.strides, dtype=torch.float32), persistent=False)
+        self.register_buffer("level_ranges", torch.tensor(self.size_ranges, dtype=torch.float32), persistent=False)
+        self.register_buffer("level_soi", torch.tensor(self.soi, dtype=torch.float32), persistent=False)
 
     # ------------------------------------------------------------------ shared
-    def head_outputs(self, images: torch.Tensor) -> dict:
+    def head_outputs(self, images: torch.Tensor, params_only: bool = False) -> dict:
         """Backbone, FCOS head and mask branch on a uint8 batch; head outputs flattened over levels:
-        cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]."""
+        cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]
+        (``params_only``: see ``heads_on``)."""
         x = ((images.float() - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
-        return self.heads_on(self.backbone(x))
+        return self.heads_on(self.backbone(x), params_only)
 
-    def heads_on(self, feats: list[torch.Tensor]) -> dict:
+    def heads_on(self, feats: list[torch.Tensor], params_only: bool = False) -> dict:
         """FCOS head and mask branch on FPN features (what ``head_outputs`` returns; ``fpn`` holds the
-        features themselves)."""
-        head = self.head(feats)
-        locations, levels = self._locations(head)
-        return {
-            "cls": self._flatten(head["cls"]), "reg": self._flatten(head["reg"]),
-            "ctr": self._flatten(head["ctr"])[..., 0], "params": self._flatten(head["params"]),
-            "mask_feats": self.mask_branch(feats[:3]), "locations": locations, "levels": levels,
-            "level_sizes": [t.shape[-2] * t.shape[-1] for t in head["cls"]], "fpn": feats,
+        features themselves). ``params_only``: no class, box or centerness outputs (what instance masks
+        need, e.g. SIM's teacher)."""
+        head = self.head(feats, params_only)
+        locations, levels = self._locations(feats)
+        out = {
+            "params": self._flatten(head["params"]), "mask_feats": self.mask_branch(feats[:3]),
+            "locations": locations, "levels": levels, "level_sizes": [t.shape[-2] * t.shape[-1] for t in feats],
+            "fpn": feats,
         }
+        if not params_only:
+            out.update(cls=self._flatten(head["cls"]), reg=self._flatten(head["reg"]), ctr=self._flatten(head["ctr"])[..., 0])
+        return out
 
     def instance_mask_logits(self, out: dict, image_idx: torch.Tensor, loc_idx: torch.Tensor) -> torch.Tensor:
         """Mask logits [N, 1, H/s, W/s] of the instances at (image, location), s = mask_out_stride."""
-        soi = torch.tensor(self.soi, device=out["mask_feats"].device)[out["levels"][loc_idx]]
+        soi = self.level_soi[out["levels"][loc_idx]]
         return self.mask_head(
             out["mask_feats"], self.strides[0], out["params"][image_idx, loc_idx], image_idx,
             out["locations"][loc_idx], soi, self.cfg.model.mask_out_stride,
         )
 
-    def _locations(self, head: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _locations(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         locs, levels = [], []
-        for lvl, t in enumerate(head["cls"]):
+        for lvl, t in enumerate(feats):
             h, w = t.shape[-2:]
             loc = compute_locations(h, w, self.strides[lvl], t.device)
             locs.append(loc)
@@ -94,24 +104,21 @@ class CondInst(nn.Module):
     def assign_targets(self, out: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """FCOS targets for every location: gt index (-1 = background), labels, ltrb, centerness."""
         locations, levels = out["locations"], out["levels"]
-        dev = locations.device
-        strides_t = torch.tensor(self.strides, device=dev, dtype=torch.float32)[levels]
-        ranges_t = torch.tensor(self.size_ranges, device=dev, dtype=torch.float32)[levels]
-        gt_idx_all, reg_t_all = [], []
+        strides_t = self.level_strides[levels]
+        ranges_t = self.level_ranges[levels]
+        gt_idx_all, reg_t_all, labels_all = [], [], []
         for t in targets:
             gi, rt = assign_image(locations, levels, strides_t, ranges_t, t["boxes"], self.cfg.model.center_sampling_radius)
             gt_idx_all.append(gi)
             reg_t_all.append(rt)
+            if len(t["labels"]):
+                labels_all.append(torch.where(gi >= 0, t["labels"][gi.clamp(min=0)], -1))
+            else:
+                labels_all.append(torch.full_like(gi, -1))
         gt_idx = torch.stack(gt_idx_all)  # [B, L]
         reg_t = torch.stack(reg_t_all)
-        labels = torch.full_like(gt_idx, -1)
-        for i, t in enumerate(targets):
-            pos_i = gt_idx[i] >= 0
-            labels[i, pos_i] = t["labels"][gt_idx[i, pos_i]]
-        ctr_t = torch.zeros(gt_idx.shape, device=dev)
-        pos = labels >= 0
-        if pos.any():
-            ctr_t[pos] = centerness_target(reg_t[pos])
+        labels = torch.stack(labels_all)
+        ctr_t = torch.where(labels >= 0, centerness_target(reg_t.reshape(-1, 4)).view(labels.shape), 0.0)
         return {"gt_idx": gt_idx, "labels": labels, "reg": reg_t, "ctr": ctr_t}
 
     def forward_train(self, batch: dict, return_aux: bool = False):
@@ -124,25 +131,26 @@ class CondInst(nn.Module):
         tgt = self.assign_targets(out, targets)
         bsz = images.shape[0]
         pos = tgt["labels"] >= 0
-        norms = torch.stack([pos.sum().float(), tgt["ctr"][pos].sum().float()])
+        norms = torch.stack([pos.sum().float(), (tgt["ctr"] * pos).sum().float()])
         ctr_norm = None
         if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # normalise by the mean positive count (and centerness sum) over the ranks: DDP's averaged
             # gradients then equal those of one process on the global batch (as AdelaiDet's reduce_sum)
             dist.all_reduce(norms)
             norms = norms / dist.get_world_size()
-            ctr_norm = float(norms[1])
-        num_pos = max(float(norms[0]), 1.0)
+            ctr_norm = norms[1]
         loss = fcos_losses(
             out["cls"].reshape(-1, self.num_classes), out["reg"].reshape(-1, 4), out["ctr"].reshape(-1),
             out["locations"].repeat(bsz, 1), tgt["labels"].reshape(-1), tgt["reg"].reshape(-1, 4),
-            tgt["ctr"].reshape(-1), max(num_pos, 1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma, ctr_norm,
+            tgt["ctr"].reshape(-1), norms[0].clamp(min=1.0), self.cfg.loss.focal_alpha, self.cfg.loss.focal_gamma, ctr_norm,
         )
-        inst = self._select_instances(out["cls"], out["ctr"], tgt["gt_idx"], tgt["labels"])
-        offsets = torch.tensor([0] + [len(t["boxes"]) for t in targets], device=images.device).cumsum(0)
-        inst["gt_global"] = offsets[inst["image"]] + inst["gt"]
-        inst["label"] = tgt["labels"][inst["image"], inst["loc"]]
+        # per-object facts (objects in target order): built from host-side counts with an asynchronous copy
+        counts = [len(t["boxes"]) for t in targets]
+        offsets = host_to_device([0, *itertools.accumulate(counts)], images.device)
+        gt_image = host_to_device([i for i, n in enumerate(counts) for _ in range(n)], images.device)
         all_boxes = torch.cat([t["boxes"] for t in targets]) if targets else images.new_zeros(0, 4).float()
+        inst = self._select_instances(out["cls"], out["ctr"], tgt["gt_idx"], tgt["labels"], offsets, gt_image)
+        inst["label"] = tgt["labels"][inst["image"], inst["loc"]]
         inst["box"] = all_boxes[inst["gt_global"]]
         mask_logits = self.instance_mask_logits(out, inst["image"], inst["loc"])
         mask_loss, extras = self._mask_losses(mask_logits, batch, inst)
@@ -150,33 +158,26 @@ class CondInst(nn.Module):
         if not return_aux:
             return loss
         inst["pred_box"] = ltrb_to_boxes(out["locations"][inst["loc"]], out["reg"][inst["image"], inst["loc"]].detach())
-        aux = {"out": out, "inst": inst, "mask_logits": mask_logits, "gt_boxes": all_boxes,
-               "gt_offsets": offsets, **extras}
+        aux = {"out": out, "inst": inst, "mask_logits": mask_logits, "gt_boxes": all_boxes, "gt_offsets": offsets,
+               "gt_counts": counts, "gt_image": gt_image,
+               "gt_labels": torch.cat([t["labels"] for t in targets]) if targets else offsets.new_zeros(0), **extras}
         return loss, aux
 
-    def _select_instances(self, cls, ctr, gt_idx, labels) -> dict[str, torch.Tensor]:
-        """Positive locations fed to the mask head: top-k per GT (by class score x centerness)."""
-        sel_img, sel_loc, sel_gt = [], [], []
-        k = self.cfg.model.max_proposals_per_image
-        for i in range(cls.shape[0]):
-            pos_loc = torch.nonzero(labels[i] >= 0).squeeze(1)
-            if pos_loc.numel() == 0:
-                continue
-            with torch.no_grad():
-                score = cls[i, pos_loc, labels[i, pos_loc]].sigmoid() * ctr[i, pos_loc].sigmoid()
-            keep = topk_per_gt(gt_idx[i, pos_loc], score, k)
-            pos_loc = pos_loc[keep]
-            sel_img.append(torch.full_like(pos_loc, i))
-            sel_loc.append(pos_loc)
-            sel_gt.append(gt_idx[i, pos_loc])
-        dev = cls.device
-        if not sel_img:
-            empty = torch.zeros(0, dtype=torch.long, device=dev)
-            return {"image": empty, "loc": empty, "gt": empty}
-        return {"image": torch.cat(sel_img), "loc": torch.cat(sel_loc), "gt": torch.cat(sel_gt)}
+    def _select_instances(self, cls, ctr, gt_idx, labels, offsets, gt_image) -> dict[str, torch.Tensor]:
+        """Positive locations fed to the mask head: top-k per GT (by class score x centerness), for the
+        whole batch at once; the number selected is the step's one host sync."""
+        b, num_loc = labels.shape
+        pos = labels >= 0
+        with torch.no_grad():
+            score = cls.detach().gather(2, labels.clamp(min=0)[..., None])[..., 0].sigmoid() * ctr.detach().sigmoid()
+        gt_global = torch.where(pos, offsets[:-1, None] + gt_idx, -1)
+        keep = topk_per_gt(gt_global.flatten(), score.flatten(), self.cfg.model.max_proposals_per_image, gt_image, b)
+        image, loc = torch.nonzero(keep.view(b, num_loc), as_tuple=True)
+        return {"image": image, "loc": loc, "gt": gt_idx[image, loc], "gt_global": gt_global[image, loc]}
 
     def _mask_losses(self, logits: torch.Tensor, batch: dict, inst: dict) -> tuple[dict, dict]:
-        """The mask terms of ``method`` and (for reuse) the box masks / colour similarities."""
+        """The mask terms of ``method`` and (for reuse) the box masks (per instance and per object) and
+        colour similarities."""
         stride = self.cfg.model.mask_out_stride
         h, w = logits.shape[-2:]
         # method full needs the GT masks; without them (a boxes-only batch, e.g. mask-quality evaluation
@@ -188,26 +189,30 @@ class CondInst(nn.Module):
             return {"loss_mask": boxinst_loss.dice_loss(logits.sigmoid()[:, 0], tgt).mean()}, {}
         if "region_masks_padded" in batch:
             # a copy-paste composite: what remains of each box (and the pasted objects' masks)
-            box_masks = gt_masks_on_grid(batch, stride, (h, w), "region_masks_padded")[inst["gt_global"]].float()
+            object_box_masks = gt_masks_on_grid(batch, stride, (h, w), "region_masks_padded").float()
         else:
-            box_masks = box_masks_on_grid(inst["box"], h, w, stride)
+            object_box_masks = box_masks_on_grid(torch.cat([t["boxes"] for t in batch["targets"]]), h, w, stride)
+        box_masks = object_box_masks[inst["gt_global"]]
         sim = self._color_similarity(batch, stride, (h, w))
-        extras = {"box_masks": box_masks, "color_sim": sim}
+        extras = {"box_masks": box_masks, "object_box_masks": object_box_masks, "color_sim": sim}
         # mixed supervision: objects with a GT mask get method full's Dice, the others the box losses
         has_mask = None
         if "gt_masks_padded" in batch and all("has_mask" in t for t in batch["targets"]):
-            has_mask = torch.cat([t["has_mask"] for t in batch["targets"]]).to(logits.device)[inst["gt_global"]]
-            extras["has_mask"] = has_mask
+            extras["object_has_mask"] = torch.cat([t["has_mask"] for t in batch["targets"]]).to(logits.device)
+            has_mask = extras["has_mask"] = extras["object_has_mask"][inst["gt_global"]]
         zero = logits.sum() * 0.0
         if logits.shape[0] == 0:
             return {"loss_proj": zero, "loss_pairwise": zero, **({"loss_mask": zero} if has_mask is not None else {})}, extras
-        box_only = torch.ones_like(inst["gt_global"], dtype=torch.bool) if has_mask is None else ~has_mask
         out = {"loss_proj": zero, "loss_pairwise": zero}
-        if box_only.any():
-            lg, bm = logits[box_only], box_masks[box_only]
+        # boxes only (the common case): no boolean selection, so no host sync
+        box_only = None if has_mask is None else ~has_mask
+        if box_only is None or box_only.any():
+            lg, bm, img = logits, box_masks, inst["image"]
+            if box_only is not None:
+                lg, bm, img = lg[box_only], bm[box_only], img[box_only]
             out["loss_proj"] = boxinst_loss.projection_loss(lg.sigmoid()[:, 0], bm).mean()
             out["loss_pairwise"] = boxinst_loss.pairwise_loss(
-                lg, sim[inst["image"][box_only]], bm, self.cfg.loss.pairwise_color_thresh,
+                lg, sim[img], bm, self.cfg.loss.pairwise_color_thresh,
                 self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation,
             )
         if has_mask is not None:
@@ -275,6 +280,13 @@ class CondInst(nn.Module):
                 det["masks"] = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
             results.append(det)
         return results
+
+
+def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of host-side ``values`` on ``device``, copied asynchronously (a plain
+    ``torch.tensor(values, device=cuda)`` waits for the device's queued work)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def encode_rle(mask: torch.Tensor) -> dict:

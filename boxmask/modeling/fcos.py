@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
 
 class Scale(nn.Module):
@@ -64,22 +64,38 @@ class FCOSHead(nn.Module):
                 self.controller.weight.mul_(0.1)
                 self.controller.bias.copy_(controller_bias)
 
-    def forward(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        out: dict[str, list[torch.Tensor]] = {"cls": [], "reg": [], "ctr": [], "params": []}
+    def forward(self, feats: list[torch.Tensor], params_only: bool = False) -> dict[str, list[torch.Tensor]]:
+        """``params_only``: only the controller's output (and the box tower under it), which is all the
+        SIM teacher reads."""
+        keys = ("params",) if params_only else ("cls", "reg", "ctr", "params")
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for level, x in enumerate(feats):
-            c = self.cls_tower(x)
             b = self.box_tower(x)
-            out["cls"].append(self.cls_logits(c))
+            out["params"].append(self.controller(b))
+            if params_only:
+                continue
+            out["cls"].append(self.cls_logits(self.cls_tower(x)))
             # Distances are predicted in units of the level's stride (FCOS's norm_reg_targets).
             out["reg"].append(F.relu(self.scales[level](self.bbox_pred(b))) * self.strides[level])
             out["ctr"].append(self.ctrness(b))
-            out["params"].append(self.controller(b))
         return out
 
 
 def ltrb_to_boxes(locations: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
     x, y = locations[:, 0], locations[:, 1]
     return torch.stack([x - ltrb[:, 0], y - ltrb[:, 1], x + ltrb[:, 2], y + ltrb[:, 3]], dim=1)
+
+
+def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-pair GIoU loss of xyxy boxes, as torchvision's ``generalized_box_iou_loss(reduction="none")``
+    but with clamped overlaps instead of boolean-mask writes, which would force a host sync on a GPU."""
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    inter = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0) * (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    area_c = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (area_c - union) / (area_c + eps))
 
 
 def fcos_losses(
@@ -90,29 +106,28 @@ def fcos_losses(
     labels: torch.Tensor,
     reg_targets: torch.Tensor,
     ctr_targets: torch.Tensor,
-    num_pos_norm: float,
+    num_pos_norm: torch.Tensor | float,
     alpha: float = 0.25,
     gamma: float = 2.0,
-    ctr_norm: float | None = None,
+    ctr_norm: torch.Tensor | float | None = None,
 ) -> dict[str, torch.Tensor]:
     """FCOS losses over all locations of the batch, flattened: ``cls_logits`` [L, C]; ``labels`` [L]
-    with -1 for background; regression and centerness on the positives only.
+    with -1 for background; regression and centerness count on the positives only.
 
     ``num_pos_norm`` is the number of positives and ``ctr_norm`` the sum of their centerness targets
-    (which normalises the box loss; default: this batch's), both averaged over the processes under DDP."""
+    (which normalises the box loss; default: this batch's), both averaged over the processes under DDP.
+    Every term is computed on all locations and weighted to the positives: no data-dependent shapes,
+    so no host sync."""
     pos = labels >= 0
-    onehot = torch.zeros_like(cls_logits)
-    onehot[pos, labels[pos]] = 1.0
+    onehot = F.one_hot(labels.clamp(min=0), cls_logits.shape[1]).to(cls_logits.dtype) * pos[:, None]
     loss_cls = sigmoid_focal_loss(cls_logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_pos_norm
-    if pos.any():
-        boxes_pred = ltrb_to_boxes(locations[pos], reg_pred[pos])
-        boxes_tgt = ltrb_to_boxes(locations[pos], reg_targets[pos])
-        ctr_t = ctr_targets[pos]
-        giou = generalized_box_iou_loss(boxes_pred.float(), boxes_tgt.float(), reduction="none")
-        norm = ctr_t.sum() if ctr_norm is None else torch.tensor(ctr_norm, device=ctr_t.device)
-        loss_box = (giou * ctr_t).sum() / norm.clamp(min=1e-6)
-        loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits[pos].float(), ctr_t, reduction="sum") / num_pos_norm
-    else:
-        loss_box = reg_pred.sum() * 0.0
-        loss_ctr = ctr_logits.sum() * 0.0
+    # negatives get a valid unit box on both sides (weight 0), so GIoU stays finite there
+    boxes_pred = ltrb_to_boxes(locations, torch.where(pos[:, None], reg_pred.float(), 1.0))
+    boxes_tgt = ltrb_to_boxes(locations, torch.where(pos[:, None], reg_targets.float(), 1.0))
+    ctr_t = torch.where(pos, ctr_targets.float(), 0.0)
+    giou = giou_loss(boxes_pred, boxes_tgt)
+    norm = ctr_t.sum() if ctr_norm is None else ctr_norm
+    loss_box = (giou * ctr_t).sum() / torch.as_tensor(norm, device=ctr_t.device).clamp(min=1e-6)
+    bce = F.binary_cross_entropy_with_logits(ctr_logits.float(), ctr_t, reduction="none")
+    loss_ctr = (bce * pos).sum() / num_pos_norm
     return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}

@@ -57,10 +57,11 @@ def assign_image(
 
     max_reg = ltrb.max(dim=2).values
     in_range = (max_reg > ranges[:, 0:1]) & (max_reg <= ranges[:, 1:2])
-    areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand(num_loc, -1).clone()
-    areas[~(in_centre & in_range)] = INF
+    # torch.where rather than boolean-mask writes: no host sync on a GPU
+    areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand(num_loc, -1)
+    areas = torch.where(in_centre & in_range, areas, INF)
     min_area, gt_idx = areas.min(dim=1)
-    gt_idx[min_area == INF] = -1
+    gt_idx = torch.where(min_area == INF, -1, gt_idx)
     reg = ltrb[torch.arange(num_loc, device=locations.device), gt_idx.clamp(min=0)]
     return gt_idx, reg
 
@@ -72,19 +73,32 @@ def centerness_target(reg: torch.Tensor) -> torch.Tensor:
     return ratio.clamp(min=0).sqrt()
 
 
-def topk_per_gt(gt_idx: torch.Tensor, scores: torch.Tensor, total: int) -> torch.Tensor:
-    """Indices into the positives keeping at most ``total // num_gt`` (>= 1) per GT, best score first,
-    as CondInst does to bound the mask head's cost."""
+def topk_per_gt(gt_idx: torch.Tensor, scores: torch.Tensor, total: int, gt_image: torch.Tensor | None = None,
+                num_images: int = 1) -> torch.Tensor:
+    """Boolean mask over the candidates keeping, for each GT, its ``total // n`` (>= 1) best-scored ones,
+    n being the number of GTs with candidates in that GT's image, as CondInst does to bound the mask
+    head's cost. ``gt_idx`` [K]: the candidate's GT (-1: not a candidate); ``gt_image`` [G]: the image of
+    each GT (default: all in one image). No data-dependent shapes, so no host sync."""
+    valid = gt_idx >= 0
     if gt_idx.numel() == 0 or total <= 0:
-        return torch.arange(gt_idx.numel(), device=gt_idx.device)
-    num_gt = int(gt_idx.unique().numel())
-    per_gt = max(total // num_gt, 1)
-    # Sort by GT, then by descending score, and take each GT's first ``per_gt``.
+        return valid
+    dev = gt_idx.device
+    if gt_image is None:
+        gt_image = torch.zeros(int(gt_idx.max().clamp(min=0)) + 1, dtype=torch.long, device=dev)
+    if gt_image.numel() == 0:  # no GTs: no candidates
+        return valid
+    has = torch.zeros(gt_image.numel() + 1, device=dev).scatter_reduce(0, gt_idx + 1, valid.float(), "amax")[1:]
+    num_gt = torch.zeros(num_images, device=dev).index_add_(0, gt_image, has)
+    per_gt = torch.div(total, num_gt.clamp(min=1), rounding_mode="floor").clamp(min=1)
+    cap = per_gt[gt_image[gt_idx.clamp(min=0)]]
+    # Sort by GT, then by descending score, and take each GT's first ``cap``.
     order = torch.argsort(scores, descending=True, stable=True)
     order = order[torch.argsort(gt_idx[order], stable=True)]
     sorted_gt = gt_idx[order]
     first = torch.ones_like(sorted_gt, dtype=torch.bool)
     first[1:] = sorted_gt[1:] != sorted_gt[:-1]
-    group_start = torch.cummax(torch.where(first, torch.arange(len(order), device=order.device), 0), 0).values
-    rank = torch.arange(len(order), device=order.device) - group_start
-    return order[rank < per_gt]
+    pos = torch.arange(len(order), device=dev)
+    rank = pos - torch.cummax(torch.where(first, pos, 0), 0).values
+    keep = torch.zeros_like(valid)
+    keep[order] = valid[order] & (rank < cap[order])
+    return keep

@@ -10,9 +10,8 @@ import math
 
 import torch
 import torch.nn as nn
-from torchvision.ops import masks_to_boxes
 
-from ..condinst import box_cells
+from ..condinst import box_cells, host_to_device
 
 
 def box_pixel_masks(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -21,11 +20,20 @@ def box_pixel_masks(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes (pixel edges) of non-empty boolean masks [K, h, w]."""
-    if masks.shape[0] == 0:
+    """Tight xyxy boxes (pixel edges) of boolean masks [K, h, w]; an empty mask gives (0, 0, 0, 0).
+    Row/column reductions rather than ``masks_to_boxes`` (a nonzero per mask): no host sync."""
+    k, h, w = masks.shape
+    if k == 0:
         return torch.zeros(0, 4, device=masks.device)
-    b = masks_to_boxes(masks)
-    return b + torch.tensor([0.0, 0.0, 1.0, 1.0], device=b.device)
+    cols, rows = masks.any(dim=1), masks.any(dim=2)  # [K, w], [K, h]
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
+    x0 = torch.where(cols, xs, float(w)).amin(dim=1)
+    x1 = torch.where(cols, xs + 1, 0.0).amax(dim=1)
+    y0 = torch.where(rows, ys, float(h)).amin(dim=1)
+    y1 = torch.where(rows, ys + 1, 0.0).amax(dim=1)
+    empty = ~cols.any(dim=1)
+    return torch.where(empty[:, None], 0.0, torch.stack([x0, y0, x1, y1], dim=1))
 
 
 def select_objects(scores: torch.Tensor, fraction: float, min_n: int, max_n: int, replacement: bool,
@@ -67,7 +75,8 @@ class MemoryBank(nn.Module):
     def push(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
              scores: torch.Tensor) -> None:
         """Add one sample: ``image`` [3, h, w] uint8, ``masks`` [K, h, w] bool; the oldest entry goes
-        when the bank is full."""
+        when the bank is full. Works on CPU copies (one transfer, then no device syncs per object)."""
+        masks = masks.to("cpu")
         crops, offsets = [], []
         for m in masks:
             if m.any():
@@ -92,13 +101,13 @@ class MemoryBank(nn.Module):
     @staticmethod
     def object_mask(entry: dict, k: int, h: int, w: int, device=None) -> torch.Tensor:
         """Object ``k``'s paste mask on an [h, w] canvas (cropped where the canvas is smaller)."""
-        out = torch.zeros(h, w, dtype=torch.bool, device=device)
+        out = torch.zeros(h, w, dtype=torch.bool)
         crop = entry["masks"][k]
         y0, x0 = entry["offsets"][k].tolist()
         ch, cw = min(crop.shape[0], max(h - y0, 0)), min(crop.shape[1], max(w - x0, 0))
         if ch > 0 and cw > 0:
-            out[y0:y0 + ch, x0:x0 + cw] = crop[:ch, :cw].to(device)
-        return out
+            out[y0:y0 + ch, x0:x0 + cw] = crop[:ch, :cw]
+        return out if device is None else out.to(device)
 
     def get_extra_state(self) -> dict:
         return {"length": self.length, "entries": self.entries}
@@ -114,12 +123,15 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
     normalisation). Returns a new batch whose targets carry ``pasted`` flags and whose
     ``region_masks_padded`` give each object's supervision region: what remains of its box for the
     objects underneath (their boxes shrink to it; fully covered ones are dropped), the visible paste
-    mask for the pasted ones (their box is its tight box). The input batch is not modified."""
+    mask for the pasted ones (their box is its tight box). The input batch is not modified.
+
+    The choice and cropping of the paste masks happen on the host (the bank lives there); on the device
+    everything is elementwise, and which objects survive is read back once for the whole batch."""
     images = batch["images"].clone()
     hp, wp = images.shape[-2:]
     dev = images.device
     gt_masks = batch.get("gt_masks_padded")  # mixed supervision: the GT masks lose the pasted pixels too
-    targets, regions, new_gt, any_pasted = [], [], [], False
+    staged = []  # per image: (boxes, labels, pasted, has_mask, region, changed, gt)
     for i, t in enumerate(batch["targets"]):
         h, w = batch["image_sizes"][i]
         boxes, labels = t["boxes"], t["labels"]
@@ -127,37 +139,49 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
         has_mask = t.get("has_mask")
         region = box_pixel_masks(boxes, hp, wp)
         changed = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
-        pasted = torch.zeros(len(boxes), dtype=torch.bool, device=dev)
         entry = bank.entries[int(torch.randint(len(bank), (1,), generator=generator))]
         chosen = select_objects(entry["scores"], fraction, min_n, max_n, replacement, power, generator)
-        src = entry["image"].to(dev)
+        src = entry["image"]
+        sh, sw = min(src.shape[1], hp), min(src.shape[2], wp)
+        masks, new_labels = [], []
         for k in chosen.tolist():
-            m = MemoryBank.object_mask(entry, k, hp, wp, dev)
-            m[h:] = False
-            m[:, w:] = False
-            m[src.shape[1]:] = False
-            m[:, src.shape[2]:] = False
-            if not m.any():
-                continue
-            sh, sw = min(src.shape[1], hp), min(src.shape[2], wp)
-            canvas = images[i, :, :sh, :sw]
-            canvas[:, m[:sh, :sw]] = src[:, :sh, :sw][:, m[:sh, :sw]]
-            changed |= (region & m).flatten(1).any(1)
-            region = torch.cat([region & ~m, m[None]])
-            changed = torch.cat([changed, changed.new_zeros(1)])
-            pasted = torch.cat([pasted, pasted.new_ones(1)])
-            boxes = torch.cat([boxes, tight_boxes(m[None]).to(boxes.dtype)])
-            labels = torch.cat([labels, entry["labels"][k:k + 1].to(dev)])
-            if gt is not None:
-                # pasted objects are supervised by the paste loss, not as GT-mask objects
-                gt = torch.cat([gt * (~m).to(gt.dtype), m[None].to(gt.dtype)])
+            m = MemoryBank.object_mask(entry, k, hp, wp)  # host
+            m[min(h, sh):] = False
+            m[:, min(w, sw):] = False
+            if m.any():
+                masks.append(m)
+                new_labels.append(entry["labels"][k])
+        num_old = len(boxes)
+        if masks:
+            ms = torch.stack(masks).to(dev, non_blocking=True)
+            src_d = torch.zeros(3, hp, wp, dtype=images.dtype)
+            src_d[:, :sh, :sw] = src[:, :sh, :sw]
+            src_d = src_d.to(dev, non_blocking=True)
+            for m in ms:  # later pastes cover earlier ones
+                images[i] = torch.where(m, src_d, images[i])
+                changed = (changed | (region & m).flatten(1).any(1))
+                region = torch.cat([region & ~m, m[None]])
+                changed = torch.cat([changed, changed.new_zeros(1)])
+                if gt is not None:
+                    # pasted objects are supervised by the paste loss, not as GT-mask objects
+                    gt = torch.cat([gt * (~m).to(gt.dtype), m[None].to(gt.dtype)])
+            boxes = torch.cat([boxes, tight_boxes(ms).to(boxes.dtype)])
+            labels = torch.cat([labels, torch.stack(new_labels).to(dev, labels.dtype)])
             if has_mask is not None:
-                has_mask = torch.cat([has_mask, has_mask.new_zeros(1)])
-            any_pasted = True
-        keep = region.flatten(1).any(1)
-        if changed.any():
-            boxes = boxes.clone()
-            boxes[changed & keep] = tight_boxes(region[changed & keep]).to(boxes.dtype)
+                has_mask = torch.cat([has_mask, has_mask.new_zeros(len(masks))])
+        pasted = torch.arange(len(boxes), device=dev) >= num_old
+        staged.append((boxes, labels, pasted, has_mask, region, changed, gt, bool(masks)))
+    if not any(st[-1] for st in staged):
+        return batch
+    # one read-back for the batch: which objects keep some region (the rest are fully covered)
+    keep_all = torch.cat([st[4].flatten(1).any(1) for st in staged]).tolist()
+    targets, regions, new_gt, a = [], [], [], 0
+    for boxes, labels, pasted, has_mask, region, changed, gt, _ in staged:
+        keep_list = [j for j in range(len(boxes)) if keep_all[a + j]]
+        a += len(boxes)
+        keep = host_to_device(keep_list, dev)
+        # objects that lost pixels shrink to what remains of their box
+        boxes = torch.where(changed[:, None], tight_boxes(region).to(boxes.dtype), boxes)
         new_t = {"boxes": boxes[keep], "labels": labels[keep], "pasted": pasted[keep]}
         if has_mask is not None:
             new_t["has_mask"] = has_mask[keep]
@@ -165,8 +189,6 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
         regions.append(region[keep])
         if gt is not None:
             new_gt.append(gt[keep])
-    if not any_pasted:
-        return batch
     out = dict(batch)
     out.update(images=images, targets=targets, region_masks_padded=regions)
     if gt_masks is not None:

@@ -66,12 +66,13 @@ class SIM(nn.Module):
         h, w = logits.shape[-2:]
         t_out = self.teacher(batch["images"], aux["out"]["fpn"])
         t_probs = self.teacher.model.instance_mask_logits(t_out, inst["image"], inst["loc"]).float().sigmoid()[:, 0]
-        groups, group, weights, m_i = merge_per_object(inst, t_probs, s.mu, s.weighting)
-        num_g = groups.numel()
-        # per-object facts: image, class, box
-        first = torch.zeros(num_g, dtype=torch.long, device=logits.device).scatter_(0, group, torch.arange(group.numel(), device=logits.device))
-        g_img, g_cls, g_box = inst["image"][first], inst["label"][first], inst["box"][first]
-        box = aux["box_masks"][first]  # the box, or what copy-paste left of it
+        # one map per object of the batch (those without positives: M_I = 0, left out of losses and
+        # statistics), so no data-dependent shapes
+        num_g = aux["gt_boxes"].shape[0]
+        groups, group, weights, m_i = merge_per_object(inst, t_probs, s.mu, s.weighting, num_g)
+        has_pos = torch.zeros(num_g, dtype=torch.bool, device=logits.device).index_fill_(0, group, True)
+        g_img, g_cls = aux["gt_image"], aux["gt_labels"]
+        box = aux["object_box_masks"]  # the box, or what copy-paste left of it
         t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w))
         z_t = F.normalize(t_feats, dim=1)
         m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau) if s.semantic else None
@@ -79,17 +80,16 @@ class SIM(nn.Module):
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
-        has_mask = aux.get("has_mask")
-        if has_mask is not None and has_mask[first].any():
+        g_has = aux.get("object_has_mask")
+        if g_has is not None:
             # a mask-supervised object's best mask is its GT mask: pseudo target, prototype pixels, bank
-            g_has = has_mask[first]
-            gt = gt_masks_on_grid(batch, self.cfg.model.mask_out_stride, (h, w))[groups[g_has]].float() * box[g_has]
-            m_i, target, weight = m_i.clone(), target.clone(), weight.clone()
-            m_i[g_has], target[g_has], weight[g_has] = gt, gt, box[g_has]
+            gt = gt_masks_on_grid(batch, self.cfg.model.mask_out_stride, (h, w)).float() * box
+            sel = g_has[:, None, None]
+            m_i, target, weight = torch.where(sel, gt, m_i), torch.where(sel, gt, target), torch.where(sel, box, weight)
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
-        return {"groups": groups, "group": group, "first": first, "image": g_img, "cls": g_cls, "box": box, "m_i": m_i, "m_s": m_s,
-                "fused": fused, "target": target, "weight": weight, "tau_high": tau_high, "student": student,
-                "teacher_feats": t_feats, "teacher_z": z_t}
+        return {"groups": groups, "group": group, "has_pos": has_pos, "image": g_img, "cls": g_cls, "box": box,
+                "m_i": m_i, "m_s": m_s, "fused": fused, "target": target, "weight": weight, "tau_high": tau_high,
+                "student": student, "teacher_feats": t_feats, "teacher_z": z_t}
 
     def losses(self, batch: dict, aux: dict, pseudo_on: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """SIM's loss terms (unweighted) and a few statistics for the log; updates the prototypes."""
@@ -114,10 +114,12 @@ class SIM(nn.Module):
             out["loss_paste"] = self._paste_loss(batch, aux)
             if pseudo_on:
                 self._fill_bank(batch, aux, pm)
-        # fractions of in-box pixels that are pseudo foreground / ignored (tensors: no host sync here)
-        in_box = pm["box"].sum().clamp_min(1)
-        stats["pseudo_fg"] = pm["target"].sum() / in_box
-        stats["pseudo_ignored"] = 1 - pm["weight"].sum() / in_box
+        # fractions of in-box pixels of the objects with positives that are pseudo foreground / ignored
+        # (tensors: no host sync here)
+        w_obj = pm["has_pos"].float()[:, None, None]
+        in_box = (pm["box"] * w_obj).sum().clamp_min(1)
+        stats["pseudo_fg"] = (pm["target"] * w_obj).sum() / in_box
+        stats["pseudo_ignored"] = 1 - (pm["weight"] * w_obj).sum() / in_box
         return out, stats
 
     def _paste_loss(self, batch: dict, aux: dict) -> torch.Tensor:
@@ -147,20 +149,20 @@ class SIM(nn.Module):
             regions = box_pixel_masks(aux["gt_boxes"][pm["groups"]], hp, wp)
         masks = (probs > s.fg_thresh) & regions
         scores = (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1.0)
-        has_mask = aux.get("has_mask")
-        if has_mask is not None and has_mask[pm["first"]].any():
-            g_has = has_mask[pm["first"]]  # GT masks at full resolution, full confidence
-            masks[g_has] = torch.cat(batch["gt_masks_padded"])[pm["groups"][g_has]].bool() & regions[g_has]
-            scores[g_has] = 1.0
-        num = aux["gt_boxes"].shape[0]
-        all_masks = torch.zeros(num, hp, wp, dtype=torch.bool, device=images.device)
-        all_masks[pm["groups"]] = masks
-        all_scores = torch.zeros(num, device=images.device).index_copy_(0, pm["groups"], scores.float())
-        offsets = aux["gt_offsets"].tolist()
-        for i, t in enumerate(batch["targets"]):
+        g_has = aux.get("object_has_mask")
+        if g_has is not None:  # GT masks at full resolution, full confidence
+            gt = torch.cat(batch["gt_masks_padded"]).bool() & regions
+            masks = torch.where(g_has[:, None, None], gt, masks)
+            scores = torch.where(g_has, 1.0, scores)
+        # objects without positives: M_I = 0, so an empty mask and score 0. The bank lives on the host:
+        # one transfer for the batch, then per-image pushes without device syncs
+        images, masks, scores = images.cpu(), masks.cpu(), scores.float().cpu()
+        boxes, labels = aux["gt_boxes"].cpu(), aux["gt_labels"].cpu()
+        a = 0
+        for i, n in enumerate(aux["gt_counts"]):
             h, w = batch["image_sizes"][i]
-            a, b = offsets[i], offsets[i + 1]
-            self.bank.push(images[i, :, :h, :w], t["boxes"], t["labels"], all_masks[a:b, :h, :w], all_scores[a:b])
+            self.bank.push(images[i, :, :h, :w], boxes[a:a + n], labels[a:a + n], masks[a:a + n, :h, :w], scores[a:a + n])
+            a += n
 
     def _feature_pairwise(self, aux: dict, f: torch.Tensor) -> torch.Tensor:
         """The released code's pairwise term: colour x teacher-feature similarity >= threshold
@@ -186,15 +188,11 @@ class SIM(nn.Module):
             sel = pm["target"] > 0
         z_s = F.normalize(self._upsampled(aux["out"]["mask_feats"].detach().float(), (h, w)), dim=1)
         z_t = pm["teacher_z"]
-        for c in pm["cls"].unique().tolist():
-            objs = torch.nonzero(pm["cls"] == c).squeeze(1)
-            m = sel[objs]  # [k, h, w]
-            if not m.any():
-                continue
-            k_idx, ys, xs = torch.nonzero(m, as_tuple=True)
-            imgs = pm["image"][objs][k_idx]
-            feats_s = z_s[imgs, :, ys, xs]  # [N, D]
-            feats_t = z_t[imgs, :, ys, xs]
-            scores = feats_t @ self.prototypes.protos[c].t()
-            self.prototypes.update(scores, feats_s, c)
+        # every pixel of every object, selected ones valid: all classes in one update, no host sync
+        g, d = sel.shape[0], z_s.shape[1]
+        feats_s = z_s[pm["image"]].permute(0, 2, 3, 1).reshape(g * h * w, d)
+        feats_t = z_t[pm["image"]].permute(0, 2, 3, 1).reshape(g, h * w, d)
+        scores = torch.einsum("gpd,gld->gpl", feats_t, self.prototypes.protos[pm["cls"]]).reshape(g * h * w, -1)
+        classes = pm["cls"][:, None].expand(g, h * w).reshape(-1)
+        self.prototypes.update(scores, feats_s, classes, sel.reshape(-1))
         self.prototypes.sync()

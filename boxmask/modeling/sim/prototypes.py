@@ -27,19 +27,23 @@ class Prototypes(nn.Module):
         return torch.sigmoid(self.similarity(feats, classes).amax(dim=1) / tau)
 
     @torch.no_grad()
-    def update(self, scores: torch.Tensor, feats: torch.Tensor, cls: int) -> torch.Tensor:
-        """One EMA step of class ``cls`` from N pixels: Sinkhorn on ``scores`` [N, L] (teacher
-        similarities), argmax assignment, centroids of ``feats`` [N, D] (student, unit norm).
-        Prototypes that got no pixel stay. Returns the assignment [N]."""
-        assign = hard_assignment(sinkhorn(scores, self.eps, self.sinkhorn_iters))
-        num_l = self.protos.shape[1]
-        sums = torch.zeros(num_l, feats.shape[1], device=feats.device, dtype=torch.float32)
-        sums.index_add_(0, assign, feats.float())
-        counts = torch.bincount(assign, minlength=num_l)
-        hit = counts > 0
-        centroids = F.normalize(sums[hit], dim=-1)
-        p = self.protos[cls]
-        p[hit] = F.normalize(self.momentum * p[hit] + (1.0 - self.momentum) * centroids, dim=-1)
+    def update(self, scores: torch.Tensor, feats: torch.Tensor, classes: torch.Tensor,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One EMA step of every class at once from N pixels: ``scores`` [N, L] (teacher similarities to
+        the prototypes of the pixel's class), ``feats`` [N, D] (student, unit norm), ``classes`` [N],
+        ``valid`` [N] (default all). Per class: Sinkhorn, argmax assignment, centroids, EMA. Prototypes
+        that got no pixel stay. Returns the assignment [N] (meaningless where not valid)."""
+        num_c, num_l, dim = self.protos.shape
+        v = torch.ones(classes.shape[0], device=feats.device) if valid is None else valid.float()
+        q = sinkhorn(scores, self.eps, self.sinkhorn_iters, classes, num_c, v > 0)
+        assign = hard_assignment(q)
+        cluster = classes * num_l + assign
+        sums = torch.zeros(num_c * num_l, dim, device=feats.device).index_add_(0, cluster, feats.float() * v[:, None])
+        counts = torch.zeros(num_c * num_l, device=feats.device).index_add_(0, cluster, v)
+        p = self.protos.view(num_c * num_l, dim)
+        moved = F.normalize(self.momentum * p + (1.0 - self.momentum) * F.normalize(sums, dim=-1), dim=-1)
+        # torch.where, not a boolean write: no host sync
+        p.copy_(torch.where(counts[:, None] > 0, moved, p))
         return assign
 
     @torch.no_grad()

@@ -29,10 +29,17 @@ def merge_masks(probs: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
     return out.index_add_(0, group, probs * weights.to(probs.dtype)[:, None, None])
 
 
-def merge_per_object(inst: dict, probs: torch.Tensor, mu: float = 5.0, mode: str = "iou"):
+def merge_per_object(inst: dict, probs: torch.Tensor, mu: float = 5.0, mode: str = "iou", num_objects: int | None = None):
     """Group the mask-head instances by the object they belong to and merge their masks ``probs``
     [N, h, w] with the positive weights. Returns (object ids (``gt_global``) [G], object index of each
-    instance [N], weights [N], merged maps [G, h, w])."""
+    instance [N], weights [N], merged maps [G, h, w]). The groups are the objects with instances, or,
+    given ``num_objects``, every object of the batch (those without instances get zero maps; no
+    data-dependent shapes, so no host sync)."""
+    if num_objects is not None:
+        group = inst["gt_global"]
+        groups = torch.arange(num_objects, device=group.device)
+        weights = positive_weights(inst["pred_box"], inst["box"], group, num_objects, mu, mode)
+        return groups, group, weights, merge_masks(probs, weights, group, num_objects)
     groups, group = torch.unique(inst["gt_global"], return_inverse=True)
     weights = positive_weights(inst["pred_box"], inst["box"], group, groups.numel(), mu, mode)
     return groups, group, weights, merge_masks(probs, weights, group, groups.numel())

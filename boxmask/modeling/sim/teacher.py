@@ -44,10 +44,11 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, student_fpn: list[torch.Tensor] | None = None) -> dict:
-        """Teacher head outputs. With ``backbone='student'`` the EMA heads (FCOS head, controller, mask
-        branch) run on the student's FPN features (detached), which saves the teacher's backbone pass."""
+        """Teacher outputs: what instance masks need (mask features and controller parameters; no class,
+        box or centerness maps, which SIM does not read). With ``backbone='student'`` the EMA heads run on
+        the student's FPN features (detached), which saves the teacher's backbone pass."""
         if self.backbone == "student":
             if student_fpn is None:
                 raise ValueError("teacher backbone 'student' needs the student's FPN features")
-            return self.model.heads_on([f.detach() for f in student_fpn])
-        return self.model.head_outputs(images)
+            return self.model.heads_on([f.detach() for f in student_fpn], params_only=True)
+        return self.model.head_outputs(images, params_only=True)
