@@ -1,10 +1,10 @@
-"""Profile one training step (torch.profiler) and list where the time goes.
+"""Profile training steps (torch.profiler) and list where the time goes.
 
     python benchmarks/profile_step.py [--method sim] [--device cpu]
 
-Runs 3 warm-up steps and profiles 3 more of the tiny preset on random 128 px batches; writes the top
-operators and boxmask's own functions (by self CPU time, ``record_function`` ranges) to
-``benchmarks/results/profile_<method>.md``.
+``--method`` takes the variant names of ``mask_learning.py``. Runs 3 warm-up steps and profiles 3 more
+of the tiny preset on the batches ``step_time.py`` uses (real synthetic images); writes the phases of a
+step, SIM's parts, and the top operators by self CPU time to ``benchmarks/results/profile_<method>.md``.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from boxmask.atomic_io import atomic_write_text
-from boxmask.config import load_config
 from boxmask.engine.trainer import build_model, build_optimizer
 from boxmask.modeling.criterion import total_loss
 from boxmask.modeling.sim.method import SIM
+from step_time import training_batches
 
 ROOT = Path(__file__).resolve().parent
 
@@ -30,25 +30,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     device = torch.device(args.device)
-    cfg = load_config(ROOT.parent / "configs" / "tiny.yaml", [f"method={args.method}", f"device={args.device}",
-                                                             "sim.bank_length=2"])
-    g = torch.Generator().manual_seed(0)
-    bs = cfg.solver.ims_per_batch
-
-    def batch():
-        xy = [torch.rand(4, 2, generator=g) * 90 for _ in range(bs)]
-        return {"images": torch.randint(0, 255, (bs, 3, 128, 128), generator=g, dtype=torch.uint8).to(device),
-                "image_sizes": [(128, 128)] * bs, "orig_sizes": [(128, 128)] * bs, "image_ids": list(range(bs)),
-                "targets": [{"boxes": torch.cat([p, p + 12 + torch.rand(4, 2, generator=g) * 24], 1).to(device),
-                             "labels": torch.randint(0, 4, (4,), generator=g).to(device)} for p in xy]}
-
+    cfg, batches, num_classes = training_batches(args.method, str(ROOT.parent / "configs" / "tiny.yaml"), 6, args.device)
     torch.manual_seed(0)
-    model = build_model(cfg, 4).to(device).train()
-    sim = SIM(cfg, model, 4).to(device) if args.method == "sim" else None
+    model = build_model(cfg, num_classes).to(device).train()
+    sim = SIM(cfg, model, num_classes).to(device) if cfg.method == "sim" else None
     opt = build_optimizer(model, cfg)
 
     def step(i: int) -> None:
-        b = batch()
+        b = batches[i]
         with record_function("boxmask.copy_paste"):
             if sim is not None:
                 b = sim.copy_paste(b, i, 0)
@@ -74,11 +63,12 @@ def main() -> None:
         for i in range(3, 6):
             step(i)
     ev = prof.key_averages()
+    # boxmask.sim.* are parts of boxmask.sim_losses / boxmask.teacher_ema (ranges inside SIM)
     ours = sorted((e for e in ev if e.key.startswith("boxmask.")), key=lambda e: -e.cpu_time_total)
     total = sum(e.cpu_time_total for e in ours if e.key in ("boxmask.student_forward", "boxmask.sim_losses",
                                                               "boxmask.backward", "boxmask.optimizer",
                                                               "boxmask.teacher_ema", "boxmask.copy_paste"))
-    lines = [f"# One training step profiled ({args.method}, tiny preset, 8 x 128 px, {args.device}, "
+    lines = [f"# One training step profiled ({args.method}, tiny preset, 8 synthetic images, {args.device}, "
              f"{torch.get_num_threads()} threads; 3 steps)", "", "## Phases", "",
              "| phase | ms / step | share |", "|---|---|---|"]
     for e in ours:

@@ -4,9 +4,10 @@
 
 ``--methods`` takes the variant names of ``mask_learning.py`` (a method plus config overrides).
 
-Runs the methods one after the other in one process on the same pre-loaded batches (data loading
-excluded), after 3 warm-up steps, and writes ``benchmarks/results/step_time.json`` and ``.md``.
-Run it on an otherwise idle machine: it measures wall time.
+Every method trains its own model on the same pre-loaded batches (data loading excluded). The methods
+take turns step by step, in a rotating order, so a slow spell of the machine hits them all alike;
+3 warm-up rounds are not timed. Writes ``benchmarks/results/step_time.json`` and ``.md``. Run it on an
+otherwise idle machine: it measures wall time.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from boxmask.config import load_config
-from boxmask.data.batch import TrainDataset, TrainSampler, collate
+from boxmask.data.batch import TrainDataset, TrainSampler, batch_to, collate
 from boxmask.data.coco import CocoDataset
 from boxmask.data.synth import generate
 from boxmask.atomic_io import atomic_write_text
@@ -30,56 +31,73 @@ from mask_learning import VARIANTS
 ROOT = Path(__file__).resolve().parent
 
 
+def training_batches(variant: str, config: str, num: int, device: str = "cpu"):
+    """(config, ``num`` collated training batches of the step-time data set, number of classes) for a
+    ``mask_learning.py`` variant; the data (64 synthetic 128 px images) is generated on first use."""
+    data = ROOT / "work" / "synth_step_time"
+    if not (data / "train_full.json").is_file():
+        generate(data, 64, 4, 128, 0, show_progress=False)
+    method, _, extra = VARIANTS[variant]
+    # a 2-entry bank is full after the first warm-up step: copy-paste (p = 0.5) is live in every timed step
+    cfg = load_config(config, [f"method={method}", f"device={device}", *extra, "sim.bank_length=2"])
+    ds = CocoDataset(data / "train_full.json", data / "images")
+    td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, method == "full")
+    sampler = TrainSampler(len(ds), cfg.solver.ims_per_batch, 0)
+    batches = [batch_to(collate([td[k] for k in sampler.batch_for(i)]), torch.device(device)) for i in range(num)]
+    return cfg, batches, len(ds.cat_ids)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--methods", default="boxinst,sim-no-copy-paste,sim-student-backbone,sim,full")
+    ap.add_argument("--methods", default="boxinst,sim-no-copy-paste,sim-student-backbone,sim,sim-student-teacher,full")
     ap.add_argument("--config", default=str(ROOT.parent / "configs" / "tiny.yaml"))
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = ROOT / "work" / "synth_step_time"
-    if not (data / "train_full.json").is_file():
-        generate(data, 64, 4, 128, 0, show_progress=False)
-    rows = {}
+    runners = {}
     for name in args.methods.split(","):
-        method, _, extra = VARIANTS[name]
-        # a 2-entry bank is full after the first warm-up step: copy-paste (p = 0.5) is live in every timed step
-        cfg = load_config(args.config, [f"method={method}", "device=cpu", *extra, "sim.bank_length=2"])
-        ds = CocoDataset(data / "train_full.json", data / "images")
-        td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, method == "full")
-        sampler = TrainSampler(len(ds), cfg.solver.ims_per_batch, 0)
-        batches = [collate([td[k] for k in sampler.batch_for(i)]) for i in range(args.steps + 3)]
+        cfg, batches, num_classes = training_batches(name, args.config, args.steps + 3)
         torch.manual_seed(0)
-        model = build_model(cfg, len(ds.cat_ids)).train()
-        sim = SIM(cfg, model, len(ds.cat_ids)) if method == "sim" else None
-        opt = build_optimizer(model, cfg)
-        it = cfg.solver.max_iters  # after every warm-up: all loss terms on
-        times = []
-        for i, batch in enumerate(batches):
-            t0 = time.perf_counter()
-            if sim is not None:
-                batch = sim.copy_paste(batch, i, 0)
-            if sim is None:
-                losses = model(batch)
-            else:
-                losses, aux = model.forward_train(batch, return_aux=True)
-                losses.update(sim.losses(batch, aux, pseudo_on=True)[0])
-            loss = total_loss(losses, cfg, it)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if sim is not None:
-                sim.after_step(model)
+        model = build_model(cfg, num_classes).train()
+        sim = SIM(cfg, model, num_classes) if cfg.method == "sim" else None
+        runners[name] = {"cfg": cfg, "batches": batches, "model": model, "sim": sim,
+                         "opt": build_optimizer(model, cfg), "times": []}
+
+    def step(r: dict, i: int) -> float:
+        cfg, model, sim, opt = r["cfg"], r["model"], r["sim"], r["opt"]
+        t0 = time.perf_counter()
+        batch = r["batches"][i]
+        if sim is not None:
+            batch = sim.copy_paste(batch, i, 0)
+            losses, aux = model.forward_train(batch, return_aux=True)
+            losses.update(sim.losses(batch, aux, pseudo_on=True)[0])
+        else:
+            losses = model(batch)
+        loss = total_loss(losses, cfg, cfg.solver.max_iters)  # after every warm-up: all loss terms on
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sim is not None:
+            sim.after_step(model)
+        return time.perf_counter() - t0
+
+    names = list(runners)
+    for i in range(args.steps + 3):
+        for k in range(len(names)):
+            name = names[(i + k) % len(names)]
+            dt = step(runners[name], i)
             if i >= 3:
-                times.append(time.perf_counter() - t0)
-        times.sort()
+                runners[name]["times"].append(dt)
+    rows = {}
+    for name, r in runners.items():
+        times = sorted(r["times"])
         rows[name] = {"median_s": times[len(times) // 2], "mean_s": sum(times) / len(times)}
         print(name, rows[name], flush=True)
     base = rows.get("boxinst", {}).get("median_s")
     result = {"config": Path(args.config).name, "steps": args.steps, "threads": torch.get_num_threads(), "methods": rows}
-    lines = [f"# Training step time ({result['config']}, CPU, {result['threads']} threads, {args.steps} steps, batches pre-loaded)",
+    lines = [f"# Training step time ({result['config']}, CPU, {result['threads']} threads, {args.steps} steps, batches pre-loaded, methods in turn)",
              "", "| method | median s / step | mean s / step | vs boxinst |", "|---|---|---|---|"]
     for m, r in rows.items():
         rel = f"{r['median_s'] / base:.2f}x" if base else "-"

@@ -12,6 +12,7 @@ from boxmask.config import load_config
 from boxmask.data.batch import TrainDataset, collate
 from boxmask.data.coco import CocoDataset
 from boxmask.engine.trainer import build_model
+from boxmask.modeling.sim import method as sim_method
 from boxmask.modeling.sim.method import SIM
 
 from .test_end_to_end import TINY
@@ -44,7 +45,9 @@ class HostSyncs(TorchFunctionMode):
 
 @pytest.mark.parametrize("method", ["boxinst", "sim"])
 @pytest.mark.parametrize("images", [2, 4])
-def test_one_host_sync_per_step(synth_data, method, images):
+def test_one_host_sync_per_step(synth_data, method, images, monkeypatch):
+    # the device path (on a CPU, the prototype update selects its pixels with a sync that costs nothing)
+    monkeypatch.setattr(sim_method, "select_pixels_on_host", lambda device: False)
     cfg = load_config("configs/tiny.yaml", [f"method={method}", *TINY, "sim.copy_paste=false"])
     ds = CocoDataset(synth_data / "train.json", synth_data / "images")
     td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, False)
@@ -59,3 +62,24 @@ def test_one_host_sync_per_step(synth_data, method, images):
     assert aux["inst"]["image"].numel() > 0  # the instance paths ran
     assert list(syncs.calls) == [next(k for k in syncs.calls if k.startswith("nonzero condinst.py"))], syncs.calls
     assert sum(syncs.calls.values()) == 1, syncs.calls
+
+
+def test_prototype_update_same_on_host_and_device_paths(synth_data, monkeypatch):
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false"])
+    ds = CocoDataset(synth_data / "train.json", synth_data / "images")
+    td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, False)
+    batch = collate([td[(i, 0)] for i in range(3)])
+    protos = []
+    for on_host in (True, False):
+        monkeypatch.setattr(sim_method, "select_pixels_on_host", lambda device, v=on_host: v)
+        torch.manual_seed(0)
+        model = build_model(cfg, len(ds.cat_ids)).train()
+        sim = SIM(cfg, model, len(ds.cat_ids))
+        sim.cfg.sim.fg_thresh = 0.3  # an untrained teacher: let some pixels through
+        _, aux = model(batch, return_aux=True)
+        sim.cfg.sim.proto_pixels = "mi"
+        before = sim.prototypes.protos.clone()
+        sim.losses(batch, aux, pseudo_on=True)
+        protos.append(sim.prototypes.protos)
+    assert not torch.equal(protos[0], before)  # pixels were selected and prototypes moved
+    assert torch.allclose(protos[0], protos[1], atol=1e-6)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ...config import Config
 from .. import boxinst_loss
@@ -19,6 +20,13 @@ from .prototypes import Prototypes
 from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
 from .self_correction import merge_masks, merge_per_object
 from .teacher import EMATeacher
+
+
+def select_pixels_on_host(device: torch.device) -> bool:
+    """Whether the prototype update takes its pixels by index (a host sync, several times less work)
+    rather than masking all pixels of every object. On a GPU a host sync stalls the launch queue; on a
+    CPU it costs nothing."""
+    return device.type == "cpu"
 
 
 class SIM(nn.Module):
@@ -64,8 +72,9 @@ class SIM(nn.Module):
         inst = aux["inst"]
         logits = aux["mask_logits"]
         h, w = logits.shape[-2:]
-        t_out = self.teacher(batch["images"], aux["out"]["fpn"])
-        t_probs = self.teacher.model.instance_mask_logits(t_out, inst["image"], inst["loc"]).float().sigmoid()[:, 0]
+        with record_function("boxmask.sim.teacher"):
+            t_out = self.teacher(batch["images"], aux["out"]["fpn"])
+            t_probs = self.teacher.model.instance_mask_logits(t_out, inst["image"], inst["loc"]).float().sigmoid()[:, 0]
         # one map per object of the batch (those without positives: M_I = 0, left out of losses and
         # statistics), so no data-dependent shapes
         num_g = aux["gt_boxes"].shape[0]
@@ -109,11 +118,13 @@ class SIM(nn.Module):
         if s.pairwise_feat_sim:
             out["loss_pairwise"] = self._feature_pairwise(aux, pm["teacher_feats"])
         if s.semantic:
-            self._update_prototypes(aux, pm)
+            with record_function("boxmask.sim.prototypes"):
+                self._update_prototypes(aux, pm)
         if s.copy_paste:
             out["loss_paste"] = self._paste_loss(batch, aux)
             if pseudo_on:
-                self._fill_bank(batch, aux, pm)
+                with record_function("boxmask.sim.memory_bank"):
+                    self._fill_bank(batch, aux, pm)
         # fractions of in-box pixels of the objects with positives that are pseudo foreground / ignored
         # (tensors: no host sync here)
         w_obj = pm["has_pos"].float()[:, None, None]
@@ -188,11 +199,17 @@ class SIM(nn.Module):
             sel = pm["target"] > 0
         z_s = F.normalize(self._upsampled(aux["out"]["mask_feats"].detach().float(), (h, w)), dim=1)
         z_t = pm["teacher_z"]
-        # every pixel of every object, selected ones valid: all classes in one update, no host sync
-        g, d = sel.shape[0], z_s.shape[1]
-        feats_s = z_s[pm["image"]].permute(0, 2, 3, 1).reshape(g * h * w, d)
-        feats_t = z_t[pm["image"]].permute(0, 2, 3, 1).reshape(g, h * w, d)
-        scores = torch.einsum("gpd,gld->gpl", feats_t, self.prototypes.protos[pm["cls"]]).reshape(g * h * w, -1)
-        classes = pm["cls"][:, None].expand(g, h * w).reshape(-1)
-        self.prototypes.update(scores, feats_s, classes, sel.reshape(-1))
+        # all classes in one update
+        if select_pixels_on_host(sel.device):
+            k, ys, xs = torch.nonzero(sel, as_tuple=True)
+            imgs, classes, valid = pm["image"][k], pm["cls"][k], None
+            feats_s, feats_t = z_s[imgs, :, ys, xs], z_t[imgs, :, ys, xs]
+            scores = torch.einsum("nd,nld->nl", feats_t, self.prototypes.protos[classes])
+        else:  # every pixel of every object, the selected ones valid
+            g, d = sel.shape[0], z_s.shape[1]
+            feats_s = z_s[pm["image"]].permute(0, 2, 3, 1).reshape(g * h * w, d)
+            feats_t = z_t[pm["image"]].permute(0, 2, 3, 1).reshape(g, h * w, d)
+            scores = torch.einsum("gpd,gld->gpl", feats_t, self.prototypes.protos[pm["cls"]]).reshape(g * h * w, -1)
+            classes, valid = pm["cls"][:, None].expand(g, h * w).reshape(-1), sel.reshape(-1)
+        self.prototypes.update(scores, feats_s, classes, valid)
         self.prototypes.sync()
