@@ -158,8 +158,8 @@ class CondInst(nn.Module):
         if not return_aux:
             return loss
         inst["pred_box"] = ltrb_to_boxes(out["locations"][inst["loc"]], out["reg"][inst["image"], inst["loc"]].detach())
-        aux = {"out": out, "inst": inst, "mask_logits": mask_logits, "gt_boxes": all_boxes, "gt_offsets": offsets,
-               "gt_counts": counts, "gt_image": gt_image,
+        aux = {"out": out, "inst": inst, "mask_logits": mask_logits, "gt_boxes": all_boxes, "gt_counts": counts,
+               "gt_image": gt_image,
                "gt_labels": torch.cat([t["labels"] for t in targets]) if targets else offsets.new_zeros(0), **extras}
         return loss, aux
 

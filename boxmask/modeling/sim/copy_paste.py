@@ -131,7 +131,7 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
     hp, wp = images.shape[-2:]
     dev = images.device
     gt_masks = batch.get("gt_masks_padded")  # mixed supervision: the GT masks lose the pasted pixels too
-    staged = []  # per image: (boxes, labels, pasted, has_mask, region, changed, gt)
+    staged = []  # per image: (boxes, labels, pasted, has_mask, region, changed, gt, whether anything was pasted)
     for i, t in enumerate(batch["targets"]):
         h, w = batch["image_sizes"][i]
         boxes, labels = t["boxes"], t["labels"]
@@ -159,7 +159,7 @@ def paste_batch(batch: dict, bank: MemoryBank, generator: torch.Generator, fract
             src_d = src_d.to(dev, non_blocking=True)
             for m in ms:  # later pastes cover earlier ones
                 images[i] = torch.where(m, src_d, images[i])
-                changed = (changed | (region & m).flatten(1).any(1))
+                changed = changed | (region & m).flatten(1).any(1)
                 region = torch.cat([region & ~m, m[None]])
                 changed = torch.cat([changed, changed.new_zeros(1)])
                 if gt is not None:

@@ -154,10 +154,10 @@ class SIM(nn.Module):
         images = batch["images"]
         hp, wp = images.shape[-2:]
         probs = aligned_bilinear(pm["m_i"][:, None], self.cfg.model.mask_out_stride)[:, 0, :hp, :wp]
-        if "region_masks_padded" in batch:
-            regions = torch.cat(batch["region_masks_padded"])[pm["groups"]]
+        if "region_masks_padded" in batch:  # pm holds every object of the batch, in target order
+            regions = torch.cat(batch["region_masks_padded"])
         else:
-            regions = box_pixel_masks(aux["gt_boxes"][pm["groups"]], hp, wp)
+            regions = box_pixel_masks(aux["gt_boxes"], hp, wp)
         masks = (probs > s.fg_thresh) & regions
         scores = (probs * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1.0)
         g_has = aux.get("object_has_mask")
