@@ -279,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("boxmask").setLevel(logging.INFO)
     from .data.coco import DatasetError
     from .engine.checkpoint import CheckpointError
-    from .engine.trainer import TrainingError
+    from .engine.trainer import TrainingError, TrainingInterrupted
     from .modeling.backbone import WeightsError
 
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"boxmask: {e}", file=sys.stderr)
+        return 130
     except (ConfigError, DatasetError, CheckpointError, TrainingError, WeightsError) as e:
         print(f"boxmask: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk, a vanished file: what and where, in one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"boxmask: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

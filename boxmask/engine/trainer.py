@@ -29,13 +29,19 @@ from ..atomic_io import atomic_write_text
 from ..visualize import grid
 from .events import EventWriter, paste_picture, prediction_pictures, sim_pictures
 from . import distributed as ddp
-from .checkpoint import CheckpointError, last_checkpoint, load_checkpoint, load_latest_good, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_latest_good, run_checkpoints, save_checkpoint
+from .interrupt import StopRequest
+from .run_folder import RunFolderError, RunLock, holds_run, resume_config, saved_config
 
 log = logging.getLogger("boxmask")
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+class TrainingInterrupted(TrainingError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint (the CLI exits 130)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -233,11 +239,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
 
 def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
     run_dir = Path(cfg.out)
-    existing = last_checkpoint(run_dir) if run_dir.exists() else None
-    if resume and existing is None:
-        raise TrainingError(f"--resume: no checkpoint in {run_dir}")
-    if not resume and existing is not None:
+    # A fresh run never starts in a folder that holds one (whatever state its pointer is in), and a resumed
+    # run needs one; checked again under the run lock below, before anything is written.
+    if not resume and holds_run(run_dir):
         raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    if resume and not holds_run(run_dir):
+        raise TrainingError(f"--resume: no run in {run_dir} (no checkpoint and no config.yaml)")
     world, main = ddp.world_size(), ddp.is_main()
     ddp.barrier()  # every rank has looked at RUN/ before rank 0 writes into it
     device = resolve_device(cfg.device)
@@ -247,8 +254,25 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
         progress = False
         logging.getLogger("boxmask").setLevel(logging.ERROR)  # rank 0 speaks for the run
     cfg, scaling = scale_for_batch(cfg, world)
-    if scaling:
-        log.info("%s", scaling)
+    notes = [scaling] if scaling else []
+    state, existing, problems = None, None, []
+    if resume:
+        if run_checkpoints(run_dir) or (run_dir / "last_checkpoint").exists():
+            existing, state, problems = load_latest_good(run_dir)
+        # the run's own configuration governs; the command line may only change what RESUME_MAY_CHANGE lists
+        try:
+            cfg, changed, kept = resume_config(saved_config(run_dir, state), cfg)
+        except RunFolderError as e:
+            raise TrainingError(str(e)) from None
+        if changed:
+            notes.append("resume: from the command line: " + "; ".join(changed))
+        if kept:
+            notes.append("resume: the run's own values kept for: " + "; ".join(kept))
+        if state is None:
+            notes.append("resume: the run has no checkpoint yet (stopped before the first); starting it again "
+                         "from iteration 0 with its own config")
+    for note in notes:
+        log.info("%s", note)
     seed_everything(cfg.seed, cfg.deterministic)
     # Everything that can fail on the user's input is checked before RUN/ is written.
     train_set, val_set = load_datasets(cfg)
@@ -262,14 +286,16 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
     sim = SIM(cfg, model, len(train_set.cat_ids)).to(device) if cfg.method == "sim" else None
     optimizer = build_optimizer(model, cfg)
     start_iter = 0
-    state = None
-    if resume:
-        existing, state, problems = load_latest_good(run_dir)
+    if state is not None:
         for msg in problems:
             log.warning("%s; resuming from %s instead", msg, existing.name)
         check_categories(state, train_set, cfg.data.train_json)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise TrainingError(f"{existing} does not fit this model or optimiser: "
+                                f"{str(e).strip().splitlines()[0][:200]}") from None
         if sim is not None:
             if "sim" not in state:
                 raise TrainingError(f"{existing} holds no SIM state (teacher, prototypes); it was not a sim run")
@@ -282,13 +308,25 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
     if state is not None and "rng" in state:
         _set_rng(state["rng"])
 
-    handler = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
-        handler = _setup_logging(run_dir)
+    handler, lock = None, None
     try:
+        if main:
+            created = not run_dir.exists()
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = RunLock(run_dir).acquire()
+            except (OSError, RunFolderError) as e:
+                if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+                raise TrainingError(str(e) if isinstance(e, RunFolderError) else f"cannot write {run_dir}: {e}") from None
+            # another process may have started a run here between the first check and the lock
+            if not resume and holds_run(run_dir):
+                raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+            if resume:
+                _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
+            handler = _setup_logging(run_dir)
+            for note in notes:
+                log.debug("%s", note)  # into log.txt too
         if main and not resume:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log.info("%s: %d classes %s, device %s%s, %s from iteration %d to %d",
@@ -301,6 +339,8 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
         if handler is not None:
             logging.getLogger("boxmask").removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
@@ -314,19 +354,24 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("iteration", 0) <= iteration:
+        if isinstance(rec, dict) and isinstance(rec.get("iteration", 0), (int, float)) and rec.get("iteration", 0) <= iteration:
             keep.append(line)
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors and plain values (the checkpoint loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -417,14 +462,15 @@ def _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_s
 
     events = EventWriter(run_dir, cfg.tensorboard, start_iter)
     try:
-        return _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter,
-                            run_dir, progress, nonfinite_start, loader, write_metrics, checkpoint, events)
+        with StopRequest() as stop:
+            return _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter,
+                                run_dir, progress, nonfinite_start, loader, write_metrics, checkpoint, events, stop)
     finally:
         events.close()
 
 
 def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir,
-                 progress, nonfinite_start, loader, write_metrics, checkpoint, events) -> dict:
+                 progress, nonfinite_start, loader, write_metrics, checkpoint, events, stop: StopRequest) -> dict:
     s = cfg.solver
     bs = s.ims_per_batch * ddp.world_size()  # images per step, all ranks together
     main = ddp.is_main()
@@ -547,6 +593,14 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             checkpoint(it, nonfinite)
         if cfg.eval_period and it % cfg.eval_period == 0 and it < s.max_iters:
             run_eval(it)
+        stop_now = stop.requested is not None
+        if ddp.world_size() > 1:  # every rank stops at the same step
+            stop_now = not ddp.all_ranks_true(not stop_now)
+        if stop_now and it < s.max_iters:
+            checkpoint(it, nonfinite)
+            bar.close()
+            raise TrainingInterrupted(f"stopped by {stop.requested or 'another rank'} at iteration {it} of {s.max_iters}: "
+                                      f"checkpoint saved in {run_dir}; continue with --resume")
     bar.close()
     checkpoint(it, nonfinite)
     final = run_eval(it)

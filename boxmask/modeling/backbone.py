@@ -1,7 +1,10 @@
 """torchvision backbones with an FPN (P3-P7), and their weights loading (never downloads)."""
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -50,14 +53,32 @@ def load_backbone_state(weights: str) -> dict[str, torch.Tensor] | None:
                 f"backbone weights {weights} are not on this machine and boxmask never downloads them: "
                 f"place the file at {path} (or set TORCH_HOME), or give model.weights=PATH/TO/FILE.pth"
             )
-        return _enum_weights(weights).get_state_dict(progress=False, check_hash=False)
+        return _read_state(path, _cached_file_bytes(path))
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(f"backbone weights file not found: {path}")
+    return _read_state(path, path)
+
+
+def _cached_file_bytes(path: Path) -> io.BytesIO:
+    """A torchvision cache file's bytes, after checking them against the sha256 prefix its name carries
+    (``mobilenet_v2-b0353104.pth``): a foreign or damaged file in the cache is refused, not loaded."""
+    data = path.read_bytes()
+    m = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if m and not hashlib.sha256(data).hexdigest().startswith(m.group(1)):
+        raise WeightsError(f"{path} is not torchvision's file (its sha256 does not start with {m.group(1)}); "
+                           "delete it and place the right one (boxmask weights)")
+    return io.BytesIO(data)
+
+
+def _read_state(path: Path, source) -> dict:
+    """A state dict read with weights_only=True: a weights file never runs code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise WeightsError(f"cannot read backbone weights {path}: {e}") from None
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or code-carrying files
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        first = next((l for l in lines if "GLOBAL" in l), lines[0])[:200]
+        raise WeightsError(f"cannot read backbone weights {path} (only tensors are accepted): {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
