@@ -16,7 +16,7 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, from_dict, scale_for_batch, to_dict
+from ..config import Config, ConfigError, from_dict, scale_for_batch, to_dict, validate
 from ..data.batch import TrainDataset, TrainSampler, batch_to, collate
 from ..data.coco import CocoDataset
 from ..evaluation.coco_eval import format_table
@@ -109,10 +109,22 @@ def build_model(cfg: Config, num_classes: int) -> CondInst:
 def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint file or a run folder."""
     state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
+    where = path if Path(path).is_file() else f"the checkpoint of {path}"
+    names = state["class_names"]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: 'class_names' is not a list of category names")
+    try:
+        cfg = from_dict(state["config"])
+        validate(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its config is invalid: {e}") from None
     cfg.model.weights = "none"  # the checkpoint holds the weights
-    model = build_model(cfg, len(state["class_names"]))
-    model.load_state_dict(state["model"])
+    model = build_model(cfg, len(names))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise CheckpointError(f"{where}: its weights do not fit its own config: {lines[0][:160]}") from None
     model.to(device).eval()
     return model, state
 
@@ -122,7 +134,11 @@ def sim_from_checkpoint(model, state: dict, device: torch.device | str = "cpu") 
     if "sim" not in state:
         return None
     sim = SIM(model.cfg, model, len(state["class_names"]))
-    sim.load_state_dict(state["sim"])
+    try:
+        sim.load_state_dict(state["sim"])
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise CheckpointError(f"the checkpoint's SIM state (teacher, prototypes, bank) does not fit: {lines[0][:160]}") from None
     return sim.to(device).eval()
 
 
