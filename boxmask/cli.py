@@ -95,17 +95,42 @@ def _convert(args) -> int:
     from .atomic_io import atomic_write_text
     from .data import convert
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: give the path of the .json file to write")
+    if Path(args.src).exists() and out.resolve() == Path(args.src).resolve():
+        raise ConfigError(f"--out {out} is the input itself: give another path")
+    if args.difficult and args.fmt != "voc":
+        raise ConfigError("--difficult applies to --from voc only")
     if args.fmt == "yolo":
-        if not args.images or not args.names:
-            raise ConfigError("--from yolo needs --images DIR (the images) and --names FILE (one class per line)")
-        data = convert.from_yolo(args.src, args.images, args.names)
+        if not args.names:
+            raise ConfigError("--from yolo needs --names FILE (one class per line, or an Ultralytics data.yaml): "
+                              "its label files hold class indices")
+        result = convert.from_yolo(args.src, args.images, args.names, categories_from=args.categories_from)
     elif args.fmt == "voc":
-        data = convert.from_voc(args.src)
+        result = convert.from_voc(args.src, images=args.images, names=args.names, categories_from=args.categories_from,
+                                  difficult=args.difficult or "keep")
     else:
-        data = convert.from_labelme(args.src)
-    atomic_write_text(args.out, json.dumps(data))
+        result = convert.from_labelme(args.src, names=args.names, categories_from=args.categories_from,
+                                      exclude=(out, *([args.categories_from] if args.categories_from else [])))
+    data = result.coco
+    for note in result.notes:
+        print(note)
+    for warning in result.warnings:
+        print(f"boxmask: warning: {warning}", file=sys.stderr)
+    try:  # only now, after every input file was read: an error above leaves nothing behind
+        atomic_write_text(out, json.dumps(data))
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot write: {e.strerror or e}") from None
+    if args.categories_from:
+        rule = f"the ids of {args.categories_from}"
+    elif args.names:
+        rule = f"ids in the order of {args.names}"
+    else:
+        rule = "ids in sorted label order"
+    cats = ", ".join(f"{c['id']} {c['name']}" for c in data["categories"])
     print(f"{len(data['images'])} images, {len(data['annotations'])} boxes, {len(data['categories'])} categories "
-          f"({', '.join(c['name'] for c in data['categories'])}) written to {args.out}")
+          f"({rule}: {cats}) written to {out}")
     return 0
 
 
@@ -240,12 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", default="auto")
     pl.set_defaults(func=_pseudo_label)
 
-    cv = sub.add_parser("convert", help="Pascal VOC / YOLO / LabelMe boxes to a COCO json")
-    cv.add_argument("src", help="VOC: folder of .xml; YOLO: folder of .txt labels; LabelMe: folder of .json")
-    cv.add_argument("--from", dest="fmt", required=True, choices=["voc", "yolo", "labelme"])
-    cv.add_argument("--out", required=True)
-    cv.add_argument("--images", help="(yolo) the images folder")
-    cv.add_argument("--names", help="(yolo) class names, one per line")
+    cv = sub.add_parser(
+        "convert", help="Pascal VOC / YOLO / LabelMe boxes to a COCO json",
+        description="Pascal VOC / YOLO / LabelMe boxes to a COCO json. Category ids: with --categories-from, that "
+                    "json's ids; else with --names, the name's index + 1 (for YOLO the class index + 1); else "
+                    "(VOC, LabelMe) the labels found in sorted order, 1 first. Give every split of one dataset the "
+                    "same --names (or --categories-from) so that their jsons share ids. Boxes past the image edge "
+                    "are clipped and counted; the json is written only when every file was read without error.")
+    cv.add_argument("src", help="VOC: folder of .xml (or one file); YOLO: folder of .txt labels; LabelMe: folder of "
+                                ".json (or one file)")
+    cv.add_argument("--from", dest="fmt", required=True, choices=["voc", "yolo", "labelme"], help="the input format")
+    cv.add_argument("--out", required=True, metavar="FILE", help="the COCO json to write")
+    cv.add_argument("--images", metavar="DIR", help="the images folder. YOLO: the images of the labels (default: the data.yaml's "
+                                     "train/val/test folder whose labels these are, or images/ beside labels/); VOC: "
+                                     "where to read image sizes missing from the XML (default: <path>, beside the "
+                                     "XML, ../JPEGImages)")
+    cv.add_argument("--names", metavar="FILE", help="class names: a text file with one name per line (class 0 first), or an "
+                                    "Ultralytics data.yaml (its 'names' list or {0: name} mapping). Required for YOLO; "
+                                    "for VOC and LabelMe it fixes the category order (a label not in it is an error)")
+    cv.add_argument("--categories-from", metavar="JSON", help="reuse the category ids and names of an existing COCO "
+                                                              "json (a label not in it is an error)")
+    cv.add_argument("--difficult", choices=["keep", "crowd"], help="(voc) difficult objects: 'keep' them as objects "
+                                                                  "marked attributes.difficult (default), or write them "
+                                                                  "as 'crowd' regions (iscrowd 1: ignored by evaluation, "
+                                                                  "not trained on)")
     cv.set_defaults(func=_convert)
 
     ex = sub.add_parser("export", help="the inference model as ONNX (dynamic image size)")

@@ -78,7 +78,7 @@ VOC = """<annotation>
 
 def test_voc_import_and_its_errors(tmp_path):
     (tmp_path / "a.xml").write_text(VOC)
-    data = from_voc(tmp_path)
+    data = from_voc(tmp_path).coco
     assert [c["name"] for c in data["categories"]] == ["cat", "dog"]
     assert data["images"] == [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}]
     assert data["annotations"][0]["bbox"] == [10.0, 5.0, 20.0, 20.0] and data["annotations"][0]["category_id"] == 2
@@ -128,7 +128,7 @@ def test_labelme_import_and_its_errors(tmp_path):
         {"label": "leaf", "points": [[2, 3], [12, 13]], "shape_type": "rectangle"},
         {"label": "stem", "points": [[20, 5], [30, 5], [25, 20]], "shape_type": "polygon"}]}
     (tmp_path / "im.json").write_text(json.dumps(doc, indent=1))
-    data = from_labelme(tmp_path)
+    data = from_labelme(tmp_path).coco
     assert [c["name"] for c in data["categories"]] == ["leaf", "stem"]
     assert data["annotations"][0]["bbox"] == [2, 3, 10, 10] and "segmentation" not in data["annotations"][0]
     assert data["annotations"][1]["segmentation"] == [[20, 5, 30, 5, 25, 20]]
