@@ -190,7 +190,7 @@ def _synth(args) -> int:
 
     try:
         paths = generate(args.out, args.num_train, args.num_val, args.size, args.seed, show_progress=not args.no_progress,
-                         mask_fraction=args.mask_fraction)
+                         mask_fraction=args.mask_fraction, kind=args.kind)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for k, v in paths.items():
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--mask-fraction", type=float, metavar="F",
                    help="also write train_partial.json, where only a fraction F of the objects keep their masks")
+    s.add_argument("--kind", choices=["flat", "textured"], default="flat",
+                   help="flat: flat-coloured shapes, the class is the shape; textured: every class has its own "
+                        "texture family on backgrounds from a disjoint pool, with per-object hard cases")
     s.set_defaults(func=_synth)
 
     t = sub.add_parser("train", help="train a model; key=value arguments override the config")

@@ -1,23 +1,31 @@
-"""Deterministic procedural dataset for box-supervised instance segmentation.
+"""Deterministic procedural datasets for box-supervised instance segmentation.
 
-Every image shows a few flat-coloured shapes (the classes) on a gradient
-background with large unannotated "stuff" patches.  Two situations in which a
-colour-affinity pairwise loss is known to fail are injected on purpose:
+Two kinds:
 
-* ``near_colour``: an object borders a region (a stuff patch or an object of
-  another class) whose colour differs by only a few RGB units;
-* ``same_class_overlap``: two instances of the same class overlap, the later
-  one occluding the earlier one.
+* ``flat``: a few flat-coloured shapes (the class is the shape) on a gradient background with large
+  unannotated "stuff" patches;
+* ``textured``: random blobs whose texture family is the class (stripes, dots, checker, speckle, see
+  ``boxmask.data.textures``; colour varies per instance within overlapping hue ranges), on
+  backgrounds drawn from a disjoint texture pool, so that class features have something to learn.
+
+Two situations in which a colour-affinity pairwise loss is known to fail are injected on purpose and
+flagged per object, in each annotation's ``"cases"`` list (values from ``HARD_CASES``; empty = plain):
+
+* ``near_colour``: an object borders a region that is not it but shares its colour (flat: a stuff
+  patch or an object of another class a few RGB units away; textured: a background-textured region
+  hugging the object inside its box, in the object's palette and mean colour);
+* ``same_class_overlap``: two instances of the same class overlap, the later one occluding the earlier one.
 
 Three COCO files are written: ``train.json`` (boxes only, no ``segmentation``
 key, as a box-supervised learner must see it), ``train_full.json`` (the same
 images and annotation ids plus RLE masks, for oracle baselines and analysis)
 and ``val.json`` (separate images with masks).  Each image entry carries a
-``hard_cases`` list naming the hard cases verified present in that image.
+``hard_cases`` list, the union of its objects' cases.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +37,13 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from ..atomic_io import atomic_write_bytes, atomic_write_text
+from .textures import BACKGROUND_FAMILIES, OBJECT_FAMILIES, band_noise
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
 HARD_NEAR_COLOUR = "near_colour"
 HARD_SAME_CLASS_OVERLAP = "same_class_overlap"
+HARD_CASES = (HARD_NEAR_COLOUR, HARD_SAME_CLASS_OVERLAP)  # the values of each annotation's "cases"
 
 MIN_VISIBLE_AREA = 30  # px; smaller remnants are not meaningful instances
 MIN_VISIBLE_FRACTION = 0.25  # heavily occluded objects are dropped
@@ -158,8 +168,38 @@ def _size_range(size: int) -> tuple[float, float]:
     return max(0.12 * size, 8.0), max(0.45 * size, 10.0)
 
 
-def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], list[str]]:
-    """Render one image; returns (RGB uint8 image, [(class, visible mask)], hard cases)."""
+def _resolve_visibility(masks: list[np.ndarray], order: list[int]) -> tuple[list[int], np.ndarray]:
+    """Paint ``masks`` in ``order`` and drop objects that end up too small or too occluded.
+
+    Returns the kept indices (in paint order) and the owner map: each pixel's visible object, or -1.
+    Removing an object only uncovers the ones painted before it, so dropping the topmost failing
+    object first and re-checking never removes more than necessary.
+    """
+    h, w = masks[0].shape if masks else (0, 0)
+    keep = set(order)
+    while True:
+        owner = np.full((h, w), -1, np.int32)
+        for k in order:
+            if k in keep:
+                owner[masks[k]] = k
+        failing = []
+        for k in order:
+            if k not in keep:
+                continue
+            full = int(masks[k].sum())
+            vis = int((owner == k).sum())
+            if vis < MIN_VISIBLE_AREA or vis < MIN_VISIBLE_FRACTION * full:
+                failing.append(k)
+        if not failing:
+            return [k for k in order if k in keep], owner
+        keep.discard(failing[-1])
+
+
+Rendered = tuple[np.ndarray, list[tuple[int, np.ndarray, list[str]]]]
+
+
+def _render(rng: np.random.Generator, h: int, w: int) -> Rendered:
+    """Render one flat-colour image; returns (RGB uint8 image, [(class, visible mask, cases)])."""
     smin, smax = _size_range(h)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
 
@@ -260,52 +300,259 @@ def _render(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[
     # order inside a group kept (the later one occludes the earlier one).
     order = [k for gi in rng.permutation(len(groups)) for k in groups[int(gi)]]
 
-    # Drop objects that end up too small or too occluded.  Removing an object
-    # only uncovers the ones painted before it, so dropping the topmost failing
-    # object first and re-checking never removes more than necessary.
-    keep = set(order)
-    while True:
-        owner = np.full((h, w), -1, np.int32)
-        for k in order:
-            if k in keep:
-                owner[objs[k].mask] = k
-        failing = []
-        for k in order:
-            if k not in keep:
-                continue
-            full = int(objs[k].mask.sum())
-            vis = int((owner == k).sum())
-            if vis < MIN_VISIBLE_AREA or vis < MIN_VISIBLE_FRACTION * full:
-                failing.append(k)
-        if not failing:
-            break
-        keep.discard(failing[-1])
-
-    kept = [k for k in order if k in keep]
+    kept, owner = _resolve_visibility([o.mask for o in objs], order)
     for k in kept:
         clean[objs[k].mask] = objs[k].colour
     # Object mask pixels were painted in order, so `clean` now equals the final
     # noiseless image and `owner` holds each pixel's visible object.
 
-    hard: list[str] = []
+    cases: dict[int, list[str]] = {k: [] for k in kept}
     kernel = np.ones((3, 3), np.uint8)
     for k in kept:
         vis = owner == k
         ring = cv2.dilate(vis.astype(np.uint8), kernel, iterations=2).astype(bool) & ~vis
         dist = np.linalg.norm(clean[ring] - objs[k].colour[None], axis=1)
         if int((dist < NEAR_COLOUR_MAX_DELTA).sum()) >= 3:
-            hard.append(HARD_NEAR_COLOUR)
-            break
+            cases[k].append(HARD_NEAR_COLOUR)
     for i, a in enumerate(kept):
-        if any(objs[a].cls == objs[b].cls and bool((objs[a].mask & objs[b].mask).any()) for b in kept[i + 1:]):
-            hard.append(HARD_SAME_CLASS_OVERLAP)
-            break
+        for b in kept[i + 1:]:
+            if objs[a].cls == objs[b].cls and bool((objs[a].mask & objs[b].mask).any()):
+                for k in (a, b):
+                    if HARD_SAME_CLASS_OVERLAP not in cases[k]:
+                        cases[k].append(HARD_SAME_CLASS_OVERLAP)
 
     # Slight blur gives soft, camera-like edges; mild noise breaks flat regions.
     img = cv2.GaussianBlur(clean, (3, 3), 0.6)
     img += rng.normal(0.0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
     img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    return img, [(objs[k].cls, owner == k) for k in kept], hard
+    return img, [(objs[k].cls, owner == k, cases[k]) for k in kept]
+
+
+# --------------------------------------------------------------------------- textured images
+
+TEXTURED_CLASS_NAMES: tuple[str, ...] = tuple(OBJECT_FAMILIES)
+
+# Each class's hues lie within +-75 degrees of its centre, so neighbouring classes share hues: colour
+# alone does not tell the class, texture with colour statistics does.
+_CLASS_HUE_CENTRE = {"stripes": 0.0, "dots": 90.0, "checker": 180.0, "speckle": 270.0}
+_CLASS_HUE_HALF_WIDTH = 75.0
+_P_TEX_SAME_CLASS = 0.5  # per image
+_P_TEX_NEAR_COLOUR = 0.45  # per object; some attempts find no free room in the box and are dropped
+SAME_CLASS_MIN_CONTACT = 3  # px of one visible mask within 1 px (8-neighbourhood) of the other's
+HUG_WIDTH_PX = 3.0  # a near-colour region must come this close to its object's visible mask
+
+
+def _hsv(hue_deg: float, s: float, v: float) -> np.ndarray:
+    return 255.0 * np.array(colorsys.hsv_to_rgb((hue_deg % 360.0) / 360.0, float(np.clip(s, 0, 1)),
+                                                float(np.clip(v, 0, 1))))
+
+
+def _palette(rng: np.random.Generator, hue: float, s: float, v: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours of close hue and different brightness: a texture's dark and light phase."""
+    dv = float(rng.uniform(0.18, 0.32))
+    v2 = v + dv if (v + dv <= 0.95 and rng.random() < 0.5) or v - dv < 0.1 else v - dv
+    return _hsv(hue, s, v), _hsv(hue + rng.uniform(-15, 15), s + rng.uniform(-0.15, 0.15), v2)
+
+
+def _object_palette(rng: np.random.Generator, cls: int) -> tuple[np.ndarray, np.ndarray]:
+    hue = _CLASS_HUE_CENTRE[TEXTURED_CLASS_NAMES[cls]] + rng.uniform(-_CLASS_HUE_HALF_WIDTH, _CLASS_HUE_HALF_WIDTH)
+    return _palette(rng, hue, float(rng.uniform(0.35, 0.85)), float(rng.uniform(0.35, 0.8)))
+
+
+def _background_palette(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return _palette(rng, float(rng.uniform(0, 360)), float(rng.uniform(0.05, 0.55)), float(rng.uniform(0.3, 0.85)))
+
+
+def _near_palette(rng: np.random.Generator, pal: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A palette a few RGB units from ``pal``: same-class neighbours that only texture phase separates."""
+    shift = rng.normal(0, 3.0, 3)
+    return np.clip(pal[0] + shift, 0, 255), np.clip(pal[1] + shift, 0, 255)
+
+
+def _blob_mask(rng: np.random.Generator, cx: float, cy: float, s: float, h: int, w: int) -> np.ndarray:
+    """A random smooth blob of extent about ``s`` (a few low harmonics on a circle); the same for every
+    class, so shape does not give the class away."""
+    k = int(rng.integers(10, 16))
+    t = np.sort((np.arange(k) + rng.uniform(-0.3, 0.3, k)) * 2 * np.pi / k)
+    r = np.ones(k)
+    for order in (2, 3, 4):
+        r += rng.uniform(0, 0.2) * np.cos(order * t + rng.uniform(0, 2 * np.pi))
+    r = np.clip(r, 0.55, 1.45) * s / 2
+    pts = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+    canvas = np.zeros((h, w), np.uint8)
+    _fill_poly(canvas, pts)
+    return canvas.astype(bool)
+
+
+def _texture_scale(h: int) -> float:
+    # Textures are defined at 192 px; below ~144 px the finest ones would blur away, so they stop shrinking.
+    return float(np.clip(h / 192.0, 0.75, 2.0))
+
+
+def _box_slices(mask: np.ndarray) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(mask)
+    return slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1)
+
+
+def _render_textured(rng: np.random.Generator, h: int, w: int) -> Rendered:
+    """Render one textured image; returns (RGB uint8 image, [(class, visible mask, cases)]).
+
+    The background is 1-3 regions, each a texture from the background pool.  Objects are random blobs
+    whose texture family is their class.  Hard cases, each verified on the final layout before it is
+    flagged on its objects:
+
+    * ``near_colour``: a background region that hugs the object inside its tight box (outside every
+      mask), in the object's palette with its mean colour matched to the object's, but a background
+      texture: colour links it to the object, semantics do not;
+    * ``same_class_overlap``: two instances of one class overlap, the later one occluding the earlier
+      (half of the pairs have nearly the same palette, so only texture phase separates them); any two
+      same-class objects whose visible masks touch are flagged.
+    """
+    scale = _texture_scale(h)
+    smin, smax = _size_range(h)
+    bg_families = list(BACKGROUND_FAMILIES.values())
+
+    # Background: 1-3 regions with wavy borders (nearest seed, distances warped by low-frequency noise).
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    n_regions = int(rng.integers(1, 4))
+    dists = [np.hypot(xx - rng.uniform(0, w), yy - rng.uniform(0, h)) + 0.2 * h * band_noise(rng, h, w, h / 2, 4 * h)
+             for _ in range(n_regions)]
+    region = np.argmin(np.stack(dists), axis=0)
+    clean = np.zeros((h, w, 3), np.float32)
+    for r in range(n_regions):
+        c1, c2 = _background_palette(rng)
+        p = bg_families[int(rng.integers(len(bg_families)))](rng, h, w, scale)
+        sel = region == r
+        clean[sel] = c1 + (c2 - c1) * p[sel][:, None]
+
+    masks: list[np.ndarray] = []
+    classes: list[int] = []
+    palettes: list[tuple[np.ndarray, np.ndarray]] = []
+    groups: list[list[int]] = []
+
+    def centre(margin: float) -> tuple[float, float]:
+        return float(rng.uniform(margin * w, (1 - margin) * w)), float(rng.uniform(margin * h, (1 - margin) * h))
+
+    def add(cls: int, mask: np.ndarray, pal: tuple[np.ndarray, np.ndarray]) -> int:
+        masks.append(mask)
+        classes.append(cls)
+        palettes.append(pal)
+        return len(masks) - 1
+
+    n_total = int(rng.integers(1, 6))
+    if rng.random() < _P_TEX_SAME_CLASS:
+        cls = int(rng.integers(len(TEXTURED_CLASS_NAMES)))
+        s1 = float(rng.uniform(smin, smax))
+        s2 = float(np.clip(s1 * rng.uniform(0.8, 1.2), smin, smax))
+        cx, cy = centre(0.25)
+        d = rng.uniform(0.35, 0.7) * (s1 + s2) / 2
+        phi = rng.uniform(0, 2 * np.pi)
+        pal1 = _object_palette(rng, cls)
+        pal2 = _near_palette(rng, pal1) if rng.random() < 0.5 else _object_palette(rng, cls)
+        a = add(cls, _blob_mask(rng, cx, cy, s1, h, w), pal1)
+        b = add(cls, _blob_mask(rng, cx + d * np.cos(phi), cy + d * np.sin(phi), s2, h, w), pal2)
+        groups.append([a, b])
+
+    # Fillers where they overlap the others least.
+    for _ in range(max(0, n_total - len(masks))):
+        cls = int(rng.integers(len(TEXTURED_CLASS_NAMES)))
+        s = float(rng.uniform(smin, smax))
+        occupied = np.any(np.stack(masks), axis=0) if masks else np.zeros((h, w), bool)
+        best: tuple[int, np.ndarray] | None = None
+        for _ in range(6):
+            m = _blob_mask(rng, *centre(0.1), s, h, w)
+            overlap = int((m & occupied).sum())
+            if best is None or overlap < best[0]:
+                best = (overlap, m)
+            if overlap == 0:
+                break
+        assert best is not None
+        groups.append([add(cls, best[1], _object_palette(rng, cls))])
+
+    order = [k for gi in rng.permutation(len(groups)) for k in groups[int(gi)]]
+    kept, owner = _resolve_visibility(masks, order)
+    free = owner == -1
+    cases: dict[int, list[str]] = {k: [] for k in kept}
+
+    # Object colours, rendered over each object's full-mask box only.
+    colours: dict[int, tuple[tuple[slice, slice], np.ndarray, np.ndarray]] = {}
+    families = list(OBJECT_FAMILIES.values())
+    for k in kept:
+        sl = _box_slices(masks[k])
+        bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        p = families[classes[k]](rng, bh, bw, scale)
+        c1, c2 = palettes[k]
+        colours[k] = (sl, p, c1 + (c2 - c1) * p[..., None])
+
+    def object_mean(k: int) -> tuple[np.ndarray, float]:
+        sl, p, col = colours[k]
+        vis = (owner == k)[sl]
+        return col[vis].mean(axis=0), float(p[vis].mean())
+
+    # Near-colour distractors, painted in the background layer (objects are painted over them after).
+    claimed = np.zeros((h, w), bool)
+    for k in kept:
+        if rng.random() >= _P_TEX_NEAR_COLOUR:
+            continue
+        vis_full = owner == k
+        sl = _box_slices(vis_full)
+        vis = vis_full[sl]
+        bh, bw = vis.shape
+        # Distance to the visible mask inside its tight box (the nearest mask pixel is always in the box).
+        dist = cv2.distanceTransform((~vis).astype(np.uint8), cv2.DIST_L2, 5)
+        ys, xs = np.nonzero(vis)
+        cy, cx = float(ys.mean()), float(xs.mean())
+        corner = [(0, 0), (0, bw - 1), (bh - 1, 0), (bh - 1, bw - 1)][int(rng.integers(4))]
+        phi = np.arctan2(corner[0] - cy, corner[1] - cx) + rng.uniform(-0.3, 0.3)
+        gy, gx = np.mgrid[0:bh, 0:bw]
+        dphi = np.angle(np.exp(1j * (np.arctan2(gy - cy, gx - cx) - phi)))
+        width = max(3.0, float(rng.uniform(0.12, 0.25)) * max(bh, bw))
+        hug = (dist > 0) & (dist <= width) & (np.abs(dphi) <= rng.uniform(0.8, 1.6)) & free[sl] & ~claimed[sl]
+        if int(hug.sum()) < max(20, 0.1 * vis.sum()) or int((hug & (dist <= HUG_WIDTH_PX)).sum()) < 5:
+            continue
+        mean_col, mean_p = object_mean(k)
+        p = bg_families[int(rng.integers(len(bg_families)))](rng, bh, bw, scale)
+        p = np.clip(p - float(p[hug].mean()) + mean_p, 0, 1)  # the object's mean, the background's texture
+        c1, c2 = palettes[k]
+        col = c1 + (c2 - c1) * p[..., None]
+        if float(np.linalg.norm(col[hug].mean(axis=0) - mean_col)) >= NEAR_COLOUR_MAX_DELTA:
+            continue  # clipping moved the mean too far: not a near-colour region after all
+        clean[sl][hug] = col[hug]
+        claimed[sl] |= hug
+        cases[k].append(HARD_NEAR_COLOUR)
+
+    # Near-colour neighbourhoods that arose by chance are flagged too, so "plain" objects stay plain.
+    for k in kept:
+        if HARD_NEAR_COLOUR in cases[k]:
+            continue
+        vis_full = owner == k
+        sl = _box_slices(vis_full)
+        dist = cv2.distanceTransform((~vis_full[sl]).astype(np.uint8), cv2.DIST_L2, 5)
+        ring = (dist > 0) & (dist <= HUG_WIDTH_PX) & free[sl]
+        if int(ring.sum()) >= 20 and float(np.linalg.norm(clean[sl][ring].mean(axis=0) - object_mean(k)[0])) \
+                < NEAR_COLOUR_MAX_DELTA:
+            cases[k].append(HARD_NEAR_COLOUR)
+
+    for k in kept:
+        sl, _, col = colours[k]
+        vis = (owner == k)[sl]
+        clean[sl][vis] = col[vis]
+
+    # Same-class neighbours: their visible masks touch (an overlap, or a contact that looks like one).
+    kernel = np.ones((3, 3), np.uint8)
+    grown = {k: cv2.dilate((owner == k).astype(np.uint8), kernel).astype(bool) for k in kept}
+    for i, a in enumerate(kept):
+        for b in kept[i + 1:]:
+            contact = max(int((grown[a] & (owner == b)).sum()), int((grown[b] & (owner == a)).sum()))
+            if classes[a] == classes[b] and contact >= SAME_CLASS_MIN_CONTACT:
+                for k in (a, b):
+                    if HARD_SAME_CLASS_OVERLAP not in cases[k]:
+                        cases[k].append(HARD_SAME_CLASS_OVERLAP)
+
+    img = cv2.GaussianBlur(clean, (3, 3), 0.6)
+    img += rng.normal(0.0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return img, [(classes[k], owner == k, sorted(cases[k], key=HARD_CASES.index)) for k in kept]
 
 
 # --------------------------------------------------------------------------- I/O
@@ -333,11 +580,15 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_SPLIT_KEYS[split], index)))
 
 
-def _categories() -> list[dict[str, Any]]:
-    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
+KINDS = ("flat", "textured")
+_RENDERERS = {"flat": _render, "textured": _render_textured}
+_KIND_CLASSES = {"flat": CLASS_NAMES, "textured": TEXTURED_CLASS_NAMES}
+_KIND_SUPERCATEGORY = {"flat": "shape", "textured": "texture"}
 
 
-HARD_CASES = (HARD_NEAR_COLOUR, HARD_SAME_CLASS_OVERLAP)
+def _categories(kind: str) -> list[dict[str, Any]]:
+    return [{"id": i + 1, "name": n, "supercategory": _KIND_SUPERCATEGORY[kind]}
+            for i, n in enumerate(_KIND_CLASSES[kind])]
 
 
 def partial_masks(full: dict[str, Any], fraction: float, seed: int = 0) -> dict[str, Any]:
@@ -359,9 +610,13 @@ def partial_masks(full: dict[str, Any], fraction: float, seed: int = 0) -> dict[
 
 
 def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: int = 128, seed: int = 0,
-             show_progress: bool = True, mask_fraction: float | None = None) -> dict[str, Path]:
+             show_progress: bool = True, mask_fraction: float | None = None, kind: str = "flat") -> dict[str, Path]:
     """Write OUT/images/*.png, OUT/train.json, OUT/train_full.json and OUT/val.json.
 
+    ``kind`` "flat": flat-coloured shapes (the class is the shape); "textured": random blobs whose
+    texture family is the class, on backgrounds from a disjoint texture pool (see ``_render_textured``).
+    Every annotation has ``"cases"``: the hard cases it shows, a sublist of ``HARD_CASES`` (empty for a
+    plain object); each image has ``"hard_cases"``, the union over its objects.
     Images are ``size`` px high and between ``size`` and 1.25 * ``size`` px wide.
     ``train.json`` has boxes only (its ``area`` is the box area, since a
     box-supervised learner knows no mask); ``train_full.json`` and ``val.json``
@@ -372,6 +627,8 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
     Returns the paths keyed "train", "train_full", "val", "val_near_colour",
     "val_same_class_overlap", ("train_partial",) "images".
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if mask_fraction is not None and not 0.0 <= mask_fraction <= 1.0:
         raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
     for name, value in (("num_train", num_train), ("num_val", num_val), ("size", size), ("seed", seed)):
@@ -390,10 +647,10 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
 
-    info = {"description": "boxmask synthetic shapes", "version": "1", "seed": int(seed), "size": int(size),
-            "classes": list(CLASS_NAMES)}
+    info = {"description": f"boxmask synthetic {'shapes' if kind == 'flat' else 'textures'}", "version": "1",
+            "kind": kind, "seed": int(seed), "size": int(size), "classes": list(_KIND_CLASSES[kind])}
     datasets: dict[str, dict[str, Any]] = {
-        key: {"info": {**info, "split": key}, "images": [], "annotations": [], "categories": _categories()}
+        key: {"info": {**info, "split": key}, "images": [], "annotations": [], "categories": _categories(kind)}
         for key in ("train", "train_full", "val")
     }
 
@@ -402,7 +659,8 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
     for split, i in tqdm(jobs, desc="synth", unit="img", disable=not show_progress):
         rng = _image_rng(int(seed), split, i)
         w = int(size + rng.integers(0, size // 4 + 1))  # mild aspect variation
-        img, objects, hard = _render(rng, int(size), w)
+        img, objects = _RENDERERS[kind](rng, int(size), w)
+        hard = [case for case in HARD_CASES if any(case in cases for _, _, cases in objects)]
 
         file_name = f"{split}_{i:06d}.png"
         ok, buf = cv2.imencode(".png", img[..., ::-1])  # cv2 expects BGR
@@ -416,10 +674,11 @@ def generate(out_dir: str | Path, num_train: int = 64, num_val: int = 16, size: 
         if split == "train":
             datasets["train"]["images"].append(dict(image))
 
-        for cls, mask in objects:
+        for cls, mask, cases in objects:
             ann_ids[split] += 1
             box = _tight_box(mask)
-            ann = {"id": ann_ids[split], "image_id": i + 1, "category_id": cls + 1, "bbox": box, "iscrowd": 0}
+            ann = {"id": ann_ids[split], "image_id": i + 1, "category_id": cls + 1, "bbox": box, "iscrowd": 0,
+                   "cases": list(cases)}
             datasets[full_key]["annotations"].append(
                 {**ann, "area": float(mask.sum()), "segmentation": _encode_rle(mask)})
             if split == "train":
