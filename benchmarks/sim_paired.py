@@ -1,0 +1,252 @@
+"""SIM against BoxInst (and full masks) on data that has SIM's failure cases, with paired seeds.
+
+    python benchmarks/sim_paired.py --arms boxinst,sim,full --seeds 0,1,2            # confirm, full budget
+    python benchmarks/sim_paired.py --arms boxinst,sim,sim-alpha1 --seeds 0 --images-seen 2400 --name screen
+
+Data: `boxmask synth --kind textured` (every class its own texture family, background from a disjoint
+pool, near-colour distractors and same-class overlaps, each object flagged by its case in `cases`),
+generated once into benchmarks/work/. Every arm trains with the same seeds (the seed changes the model's
+initialisation and the data order; the data stay the same), on the pretrained MobileNetV2 preset, one run
+at a time in its own process. Each run is scored on the val split per object case (splits.split_metrics:
+mask AP and box AP with the other objects ignored, and the mean IoU of the masks the model makes for the
+GT boxes). Per arm and split: mean and standard deviation over the seeds, and the paired difference to
+the reference arm (the same seed's run): its mean, standard deviation and mean / sd(mean).
+
+Each run's scores are kept in benchmarks/work/paired/NAME/ARM_sSEED.json (a finished run is not trained
+again), and the table of everything present goes to benchmarks/results/NAME.json and .md. Not a test: a
+MobileNetV2 run at 4,800 images seen takes about 15 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+SPLITS = ("plain", "near_colour", "same_class_overlap")
+# name -> (method, train json, overrides); ablation arms of SIM differ from `sim` in the keys listed
+ARMS: dict[str, tuple[str, str, list[str]]] = {
+    "boxinst": ("boxinst", "train.json", []),
+    "full": ("full", "train_full.json", []),
+    "sim": ("sim", "train.json", []),
+    "sim-paper": ("sim", "train.json", ["sim.bg_prototypes=0", "sim.semantic_softmax=false", "sim.proto_confidence=0",
+                                        "sim.proto_erode=0", "sim.proto_from=start", "sim.student_aug=false"]),
+    "sim-alpha1": ("sim", "train.json", ["sim.alpha=1.0"]),
+    "sim-paste-only": ("sim", "train.json", ["sim.pseudo_weight=0"]),
+    "sim-no-paste": ("sim", "train.json", ["sim.copy_paste=false"]),
+    "sim-pw0.05": ("sim", "train.json", ["sim.pseudo_weight=0.05"]),
+    "sim-pw0.15": ("sim", "train.json", ["sim.pseudo_weight=0.15"]),
+    "sim-L1": ("sim", "train.json", ["sim.num_prototypes=1"]),
+    "sim-L3": ("sim", "train.json", ["sim.num_prototypes=3"]),
+    "sim-bg": ("sim", "train.json", ["sim.bg_prototypes=4", "sim.semantic_softmax=true"]),
+    "sim-hygiene": ("sim", "train.json", ["sim.proto_confidence=0.9", "sim.proto_erode=1", "sim.proto_from=switch_on"]),
+    "sim-student-aug": ("sim", "train.json", ["sim.student_aug=true"]),
+}
+
+
+def make_data(folder: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
+    if (folder / "val.json").is_file():
+        return
+    subprocess.run([sys.executable, "-m", "boxmask", "synth", str(folder), "--kind", "textured", "--num-train",
+                    str(num_train), "--num-val", str(num_val), "--size", str(size), "--seed", str(seed),
+                    "--no-progress"], check=True, env=_env(1))
+
+
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def train_run(arm: str, seed: int, data: Path, out: Path, args) -> float:
+    """Train one (arm, seed) in its own process; returns its wall seconds (0 if it was already there)."""
+    method, train_json, extra = ARMS[arm]
+    iters = args.images_seen // args.batch
+    if _finished(out, iters):
+        return 0.0
+    cmd = [sys.executable, "-m", "boxmask", "train", "-c", args.config, "--method", method,
+           "--train-json", str(data / train_json), "--train-images", str(data / "images"),
+           "--out", str(out), "--max-iters", str(iters), f"solver.ims_per_batch={args.batch}", f"seed={seed}",
+           f"checkpoint_period={iters}", "eval_period=0", "tb_image_period=0", "device=cpu", "--no-progress",
+           *extra, *args.overrides]
+    if out.exists():  # a run stopped half-way: continue it
+        cmd.append("--resume")
+    print(f"== {arm} seed {seed}: {' '.join(cmd[3:])}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=_env(args.threads))
+    return time.perf_counter() - t0
+
+
+def _finished(out: Path, iters: int) -> bool:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return any(r.get("type") == "train" and r.get("iteration") == iters for r in recs) and (out / "last_checkpoint").is_file()
+
+
+def score_run(out: Path, data: Path) -> dict:
+    """Per-split scores of a finished run on the val split."""
+    import torch
+
+    from boxmask.data.coco import CocoDataset
+    from boxmask.engine.trainer import evaluate_model, model_from_checkpoint, sim_from_checkpoint
+    from boxmask.evaluation.evaluator import gt_box_mask_quality
+    from boxmask.evaluation.splits import split_metrics
+
+    model, state = model_from_checkpoint(out, "cpu")
+    val = CocoDataset(data / "val.json", data / "images")
+    results: list = []
+    overall = evaluate_model(model, val, model.cfg, torch.device("cpu"), progress=False, results_out=results)
+    sim = sim_from_checkpoint(model, state)
+    quality = gt_box_mask_quality(model, val, model.cfg, torch.device("cpu"), sim=sim, progress=False, per_object=True)
+    per_object = {int(k): v for k, v in quality.pop("per_object")["model"].items()}
+    gt = json.loads((data / "val.json").read_text())
+    splits = split_metrics(gt, results, per_object)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train_recs = [r for r in records if r.get("type") == "train"]
+    steady = train_recs[1:] or train_recs
+    return {"splits": splits, "all": {"box_AP": overall["bbox"]["AP"], "mask_AP": overall["segm"]["AP"],
+                                      "box_fill": overall["box_fill"]},
+            "gt_box_masks": quality, "iterations": train_recs[-1]["iteration"] if train_recs else 0,
+            "sec_per_iter": sum(r["sec_per_iter"] for r in steady) / max(len(steady), 1),
+            "last_train": {k: v for k, v in (train_recs[-1] if train_recs else {}).items()
+                           if k.startswith(("pseudo", "sim", "box_fill"))}}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v == v]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else float("nan")
+    return m, sd
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """Paired difference a - b over the seeds both have: mean, sd, and mean / (sd / sqrt(n)) (t)."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    m, sd = mean_sd(d)
+    t = m / (sd / math.sqrt(len(d))) if len(d) > 1 and sd and sd == sd and sd > 0 else float("nan")
+    return {"seeds": seeds, "diffs": d, "mean": m, "sd": sd, "t": t}
+
+
+METRICS = (("mask_AP", "mask AP"), ("mask_IoU", "mask IoU (GT boxes)"), ("box_AP", "box AP"))
+
+
+def summarise(scores: dict[str, dict[int, dict]], reference: str) -> dict:
+    """scores[arm][seed] -> per arm, split and metric: values, mean, sd and the paired difference to ``reference``."""
+    out: dict = {}
+    for arm, by_seed in scores.items():
+        out[arm] = {}
+        for split in SPLITS:
+            out[arm][split] = {}
+            for key, _ in METRICS:
+                vals = {s: r["splits"][split][key] for s, r in by_seed.items() if split in r["splits"]}
+                m, sd = mean_sd(list(vals.values()))
+                cell = {"values": vals, "mean": m, "sd": sd}
+                if arm != reference and reference in scores:
+                    ref = {s: r["splits"][split][key] for s, r in scores[reference].items() if split in r["splits"]}
+                    cell["vs_" + reference] = paired(vals, ref)
+                out[arm][split][key] = cell
+        out[arm]["sec_per_iter"] = mean_sd([r["sec_per_iter"] for r in by_seed.values()])[0]
+    return out
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "-" if v != v else f"{v:.{digits}f}"
+
+
+def to_markdown(summary: dict, meta: dict, reference: str) -> str:
+    lines = [f"# SIM against BoxInst with paired seeds ({meta['config']}, {meta['images_seen']} images seen, CPU)", "",
+             f"Data: `boxmask synth --kind textured`, {meta['num_train']} train / {meta['num_val']} val images, "
+             f"{meta['size']} px, data seed {meta['data_seed']}. Training seeds: {meta['seeds']} (the same for every arm). "
+             "Splits are per object (the `cases` flag): AP with the other objects ignored, and the mean IoU of the "
+             "masks the model makes for the GT boxes. Cells: mean ± sd over the seeds; Δ: the paired difference to "
+             f"`{reference}` (mean ± sd of the per-seed differences, t = mean / (sd / √n)).", ""]
+    for key, title in METRICS:
+        lines += [f"## {title}", "", "| arm | " + " | ".join(SPLITS) + " | s / iter |",
+                  "|---|" + "---|" * (len(SPLITS) + 1)]
+        for arm, row in summary.items():
+            cells = []
+            for split in SPLITS:
+                c = row[split][key]
+                txt = f"{_f(c['mean'])} ± {_f(c['sd'])}"
+                p = c.get("vs_" + reference)
+                if p and p["seeds"]:
+                    txt += f" (Δ {p['mean']:+.3f} ± {_f(p['sd'])}, t {_f(p['t'], 1)})"
+                cells.append(txt)
+            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_f(row['sec_per_iter'], 2)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default="boxinst,sim,full", help=f"from: {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--reference", default="boxinst", help="the arm paired differences are taken against")
+    ap.add_argument("--images-seen", type=int, default=4800)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--config", default=str(REPO / "configs" / "mobilenet_v2_192.yaml"))
+    ap.add_argument("--num-train", type=int, default=600)
+    ap.add_argument("--num-val", type=int, default=200)
+    ap.add_argument("--size", type=int, default=192)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="OMP threads per training run")
+    ap.add_argument("--name", default="sim_paired")
+    ap.add_argument("--summary-only", action="store_true", help="rebuild the tables from the runs already scored")
+    ap.add_argument("--train-only", action="store_true", help="train the runs, score nothing")
+    ap.add_argument("overrides", nargs="*", help="config overrides for every arm")
+    args = ap.parse_args()
+    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    data = ROOT / "work" / f"textured_{args.num_train}_{args.num_val}_{args.size}_{args.data_seed}"
+    make_data(data, args.num_train, args.num_val, args.size, args.data_seed)
+    work = ROOT / "work" / "paired" / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        # seed-major order: every arm of a seed before the next seed, so a stopped benchmark stays paired
+        for seed in seeds:
+            for arm in arms:
+                res_path = work / f"{arm}_s{seed}.json"
+                if res_path.is_file():
+                    continue
+                out = ROOT / "work" / "runs" / f"{args.name}_{arm}_s{seed}"
+                wall = train_run(arm, seed, data, out, args)
+                if args.train_only:
+                    continue
+                res = {"arm": arm, "seed": seed, "overrides": ARMS[arm][2] + args.overrides, "wall_seconds": wall,
+                       **score_run(out, data)}
+                res_path.write_text(json.dumps(res, indent=2))
+                s = res["splits"]
+                print(f"   {arm} s{seed}: mask AP " + ", ".join(f"{k} {s[k]['mask_AP']:.3f}" for k in SPLITS if k in s),
+                      flush=True)
+    scores: dict[str, dict[int, dict]] = {}
+    for p in sorted(work.glob("*_s*.json")):
+        r = json.loads(p.read_text())
+        if r["arm"] in arms and r["seed"] in seeds:
+            scores.setdefault(r["arm"], {})[r["seed"]] = r
+    scores = {a: scores[a] for a in arms if a in scores}
+    summary = summarise(scores, args.reference)
+    meta = {"config": args.config, "images_seen": args.images_seen, "batch": args.batch, "seeds": seeds,
+            "num_train": args.num_train, "num_val": args.num_val, "size": args.size, "data_seed": args.data_seed,
+            "overrides": args.overrides, "threads": args.threads}
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / f"{args.name}.json").write_text(json.dumps({"meta": meta, "summary": summary,
+                                                                    "runs": scores}, indent=2))
+    md = to_markdown(summary, meta, args.reference)
+    (ROOT / "results" / f"{args.name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
