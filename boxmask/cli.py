@@ -131,7 +131,7 @@ def _report(args) -> int:
     from .report import build_report
 
     try:
-        path = build_report(args.run, args.out, args.pictures, args.device)
+        path = build_report(args.run, args.out, args.pictures, args.device, args.json, args.images)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     print(f"report written to {path}")
@@ -263,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions")
     rp.add_argument("run", help="a run folder (finished or in progress)")
     rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
-    rp.add_argument("--pictures", type=int, default=4, help="validation images to show with predictions")
+    rp.add_argument("--pictures", type=int, default=4,
+                    help="images to show with predictions (the run's validation images, else its training images; "
+                         "default 4)")
+    rp.add_argument("--json", help="show predictions on the first images of this COCO json instead")
+    rp.add_argument("--images", help="image folder for the pictures (when the run's paths do not resolve from here)")
     rp.add_argument("--device", default="cpu")
     rp.set_defaults(func=_report)
 
