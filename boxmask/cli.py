@@ -71,23 +71,26 @@ def _eval(args) -> int:
 def _pseudo_label(args) -> int:
     from .data.coco import CocoDataset
     from .engine.trainer import check_categories, model_from_checkpoint, resolve_device
-    from .pseudo_label import gt_miou, pseudo_label, write_pseudo_labels
+    from .pseudo_label import compare_with_gt, gt_comparison_line, pseudo_label, save_pictures, summary, write_pseudo_labels
 
+    if args.viz < 0:
+        raise ConfigError(f"--viz must be >= 0, got {args.viz}")
     device = resolve_device(args.device)
     model, state = model_from_checkpoint(args.checkpoint, device)
     dataset = CocoDataset(args.json, args.images)
     check_categories(state, dataset, args.json)
     labels, counts = pseudo_label(model, dataset, device, args.mask_thresh, args.min_quality, progress=not args.no_progress)
     write_pseudo_labels(args.json, labels, args.out, args.min_quality)
-    n = counts["objects"]
-    print(f"{n} objects: {n - counts['empty'] - counts['no_positive']} masks, {counts['empty']} empty masks and "
-          f"{counts['no_positive']} objects without a positive location given their filled box "
-          f"(pseudo_fallback in the json), {counts['low_quality']} below --min-quality {args.min_quality} "
-          "(pseudo_low_quality)")
-    miou = gt_miou(dataset, labels)
-    if miou is not None:
-        print(f"pseudo masks vs the GT masks of {args.json}: mIoU {miou:.3f}")
+    print(summary(counts, labels, args.min_quality))
+    cmp = compare_with_gt(dataset, labels)
+    if cmp is not None:
+        print(gt_comparison_line(cmp, args.json))
     print(f"written to {args.out}")
+    if args.viz:
+        out = Path(args.out)
+        folder = Path(args.viz_out) if args.viz_out else out.with_name(out.stem + "_viz")
+        paths = save_pictures(dataset, labels, args.viz, folder)
+        print(f"{len(paths)} pictures (photo | pseudo masks with their quality, worst first) written to {folder}")
     return 0
 
 
@@ -153,7 +156,7 @@ def _report(args) -> int:
     from .report import build_report
 
     try:
-        path = build_report(args.run, args.out, args.pictures, args.device)
+        path = build_report(args.run, args.out, args.pictures, args.device, args.json, args.images)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     print(f"report written to {path}")
@@ -262,9 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", required=True, help="COCO json with the boxes")
     pl.add_argument("--images", required=True)
     pl.add_argument("--out", required=True, help="the same json with RLE masks added")
-    pl.add_argument("--mask-thresh", type=float, default=0.5)
-    pl.add_argument("--min-quality", type=float, default=0.0,
-                    help="flag masks whose mean probability is below this (pseudo_low_quality)")
+    pl.add_argument("--mask-thresh", type=float, default=0.5, help="mask probability threshold (default 0.5)")
+    pl.add_argument("--min-quality", type=float, default=0.5,
+                    help="flag masks whose pseudo_quality (box fill, spill, projections, stability) is below this "
+                         "(pseudo_low_quality; default 0.5)")
+    pl.add_argument("--viz", type=int, default=0, metavar="N",
+                    help="save N pictures of images with their pseudo masks and boxes, worst quality first")
+    pl.add_argument("--viz-out", help="folder for --viz pictures (default: OUT_viz/ beside --out)")
     pl.add_argument("--device", default="auto")
     pl.set_defaults(func=_pseudo_label)
 
@@ -302,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions")
     rp.add_argument("run", help="a run folder (finished or in progress)")
     rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
-    rp.add_argument("--pictures", type=int, default=4, help="validation images to show with predictions")
+    rp.add_argument("--pictures", type=int, default=4,
+                    help="images to show with predictions (the run's validation images, else its training images; "
+                         "default 4)")
+    rp.add_argument("--json", help="show predictions on the first images of this COCO json instead")
+    rp.add_argument("--images", help="image folder for the pictures (when the run's paths do not resolve from here)")
     rp.add_argument("--device", default="cpu")
     rp.set_defaults(func=_report)
 

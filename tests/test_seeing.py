@@ -2,6 +2,7 @@
 import base64
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -110,3 +111,90 @@ def test_eval_viz_writes_worst_first_pictures(synth_data, tmp_path, capsys):
     assert len(pics) == 2 and pics[0].name.startswith("001_")
     ious = [float(re.search(r"maskIoU([0-9.]+)\.png", p.name).group(1)) for p in pics]
     assert ious == sorted(ious)
+
+
+def _fake_run(root, evals, n_images=33, train_extra=None):
+    """A run folder written by hand: config, training records with a near-zero loss term, evaluations."""
+    import json
+
+    import yaml
+
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.json").write_text(json.dumps(
+        {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(n_images)], "annotations": [], "categories": []}))
+    run = root / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": "boxinst", "out": "runs/r", "solver": {"max_iters": 30},
+                                                     "data": {"train_json": "data/train.json", "train_images": "data/images",
+                                                              "val_json": "data/val.json"}}))
+    lines = [{"type": "train", "iteration": i, "images_seen": 8 * i, "loss": 3.0 / i, "loss_cls": 1.0 / i,
+              "loss_paste": 1e-18, "lr": 1e-3, "sec_per_iter": 0.2, "box_fill": 1.0, **(train_extra or {})}
+             for i in range(5, 35, 5)]
+    lines += [{"type": "eval", "iteration": 30, "images_seen": 240, **e} for e in evals]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return run
+
+
+def test_report_states_the_conclusion_that_matters_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not where the run was "trained": its paths resolve from the run folder
+    run = _fake_run(tmp_path / "proj", [{"bbox": {"AP": 0.458}, "segm": {"AP": 0.0}, "box_fill": 17.6,
+                                         "box_fill_over_95": 1.0}])
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    top = page[:page.index("<h2>")]  # above every section
+    assert "These masks are useless: mask AP 0.00 beside box AP 0.46." in top
+    assert "The masks spill outside their boxes: mask area 17.6x the box area" in top
+    assert "30 iterations (~7.27 epochs of these 33 images) is far too short" in top and "--max-iters 600" in top
+    assert "no pictures: the run has no checkpoint yet" in top
+    boxy = _fake_run(tmp_path / "proj2", [{"bbox": {"AP": 0.4}, "segm": {"AP": 0.15}, "box_fill": 0.99,
+                                           "box_fill_over_95": 0.9}], n_images=1000)
+    assert main(["report", str(boxy), "--pictures", "0"]) == 0
+    page = (boxy / "report.html").read_text()
+    assert "These masks are poor: mask AP 0.15 beside box AP 0.40." in page and "The masks are box-shaped" in page
+    assert "is far too short: masks need about 1500 iterations" in page  # 12 epochs of 1,000 images
+
+
+def test_report_without_evaluation_uses_the_training_statistics(tmp_path):
+    run = _fake_run(tmp_path, [], train_extra={"box_spill": 12.0})
+    assert main(["report", str(run), "--pictures", "0"]) == 0
+    page = (run / "report.html").read_text()
+    assert "spill outside their boxes during training: 12.0 box areas" in page
+    assert "no metrics yet: the run evaluates on data/val.json" in page
+
+
+def test_loss_curves_are_not_flattened_by_a_spike():
+    from boxmask.report import _smooth_range
+
+    lo, hi = _smooth_range(np.array([50.0, *np.linspace(2.0, 1.0, 59)]))  # the first window
+    assert hi < 6.0 and lo < 1.0  # not 50
+    lo, hi = _smooth_range(np.array([1e-18, 1e-18]))  # a term that stays at zero is drawn at zero
+    assert lo < 0 and hi >= 0.1
+
+
+def test_report_without_val_json_run_from_elsewhere(synth_data, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data").symlink_to(synth_data)
+    monkeypatch.chdir(work)  # training stores the relative paths it was given
+    assert main(["train", "-c", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), *TINY, "--train-json",
+                 "data/train.json", "--train-images", "data/images", "--out", "runs/a", "--max-iters", "2",
+                 "--no-progress"]) == 0
+    run = work / "runs" / "a"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["report", str(run), "--pictures", "2"]) == 0
+    page = (run / "report.html").read_text()
+    assert "no metrics: this run has no validation json" in page and "--val-json FILE --val-images DIR" in page
+    assert "Predictions on training images (this run has no validation json)" in page
+    assert len(re.findall(r"<figure>", page)) == 2
+    # the images moved: the page says so and what to pass
+    (work / "data").rename(work / "moved")
+    assert main(["report", str(run), "--pictures", "2"]) == 0
+    page = (run / "report.html").read_text()
+    assert "no pictures: data/train.json (data.train_json in config.yaml) not found; looked in" in page
+    assert str(work / "data" / "train.json") in page and "<figure>" not in page
+    assert main(["report", str(run), "--pictures", "2", "--json", str(work / "moved" / "val.json"),
+                 "--images", str(work / "moved" / "images")]) == 0
+    page = (run / "report.html").read_text()
+    assert "Predictions on images of" in page and len(re.findall(r"<figure>", page)) == 2

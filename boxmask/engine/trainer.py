@@ -20,7 +20,7 @@ from ..config import Config, ConfigError, from_dict, scale_for_batch, to_dict, v
 from ..data.batch import TrainDataset, TrainSampler, batch_to, collate
 from ..data.coco import CocoDataset
 from ..evaluation.coco_eval import format_table
-from ..evaluation.diagnostics import ap_gap_warning, degenerate_warning, fill_from_logits
+from ..evaluation.diagnostics import ap_gap_warning, degenerate_warning, fill_and_spill_from_logits, short_run_warning, spill_warning
 from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_dataset, score
 from ..modeling.condinst import CondInst
 from ..modeling.criterion import pseudo_weight, total_loss
@@ -393,15 +393,16 @@ def _set_rng(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def train_fill(aux: dict, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box fill of the masks the mask head predicts for the positives (mean, fraction > 95%)."""
+def train_fill(aux: dict, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Box fill of the masks the mask head predicts for the positives (mean, fraction > 95%) and their
+    spill (area outside the box / box area): a mask covering the whole image fills its box too."""
     from ..modeling.condinst import box_masks_on_grid
 
     logits = aux["mask_logits"]
     boxes = aux.get("box_masks")
     if boxes is None:
         boxes = box_masks_on_grid(aux["inst"]["box"], logits.shape[-2], logits.shape[-1], stride)
-    return fill_from_logits(logits, boxes)
+    return fill_and_spill_from_logits(logits, boxes)
 
 
 @torch.no_grad()
@@ -507,8 +508,8 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         write_metrics({"type": "eval", "iteration": it, "images_seen": it * bs, **m})
         events.scalars("eval", m, it)
         log.info("iteration %d (%d images seen)\n%s", it, it * bs, format_table(m))
-        if it == s.max_iters and ap_gap_warning(m):
-            log.warning("%s", ap_gap_warning(m))
+        if it == s.max_iters and ap_gap_warning(m, short_run=short):
+            log.warning("%s", ap_gap_warning(m, short_run=short))
         return m
 
     model.train()
@@ -522,6 +523,9 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
     # the fill check starts well after the pairwise warm-up: masks are box-shaped until the term bites
     fill_check_from = (max(2 * cfg.loss.pairwise_warmup_frac, 0.3) * s.max_iters) if cfg.method != "full" else float("inf")
     high_windows, fill_warned = 0, False
+    short = short_run_warning(s.max_iters, bs, len(train_set)) if cfg.method != "full" else None
+    if short and main and start_iter == 0:
+        log.warning("%s", short)
     nonfinite = int(nonfinite_start)
     for batch in loader:
         for g in optimizer.param_groups:
@@ -537,7 +541,7 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             if sim is not None:
                 extra, stats = sim.losses(batch, aux, pseudo_on=pseudo_weight(cfg, it) > 0)
                 losses.update(extra)
-        stats["box_fill"], stats["box_fill_over_95"] = train_fill(aux, cfg.model.mask_out_stride)
+        stats["box_fill"], stats["box_fill_over_95"], stats["box_spill"] = train_fill(aux, cfg.model.mask_out_stride)
         if cfg.tb_image_period and it % cfg.tb_image_period == 0:
             write_pictures(events, batch, aux, sim, cfg, train_set.class_names, it)
         del aux
@@ -571,7 +575,7 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             sim.after_step(model)
         it += 1
         for k, v in list(losses.items()) + list(stats.items()):
-            if k.startswith("box_fill"):  # NaN without instances: average over the steps that had some
+            if k.startswith("box_"):  # NaN without instances: average over the steps that had some
                 ok = torch.isfinite(v)
                 sums[k] = sums.get(k, 0.0) + torch.where(ok, v, torch.zeros_like(v))
                 sums[k + "#n"] = sums.get(k + "#n", 0.0) + ok.float()
@@ -583,16 +587,18 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         if it % cfg.log_period == 0 or it == s.max_iters:
             now = time.perf_counter()
             sums = ddp.mean_over_ranks(sums)  # logged values: the mean over the ranks
-            rec = {k: float(v) / count for k, v in sums.items() if not k.startswith("box_fill")}
-            for k in ("box_fill", "box_fill_over_95"):
+            rec = {k: float(v) / count for k, v in sums.items() if not k.startswith("box_")}
+            for k in ("box_fill", "box_fill_over_95", "box_spill"):
                 n = float(sums.get(k + "#n", 0.0))
                 rec[k] = float(sums[k]) / n if n > 0 else float("nan")
-            # One warning if the masks still fill their boxes in two log windows after the pairwise warm-up.
+            # One warning if the masks still spill outside or fill their boxes in two log windows after the
+            # pairwise warm-up (a spilling mask fills its box too: spill is checked first).
             if it > fill_check_from and not fill_warned:
-                high = degenerate_warning(rec["box_fill"], cfg.loss.fill_warn) is not None
-                high_windows = high_windows + 1 if high else 0
+                warning = (spill_warning(rec["box_spill"], rec["box_fill"], short)
+                           or degenerate_warning(rec["box_fill"], cfg.loss.fill_warn, short))
+                high_windows = high_windows + 1 if warning else 0
                 if high_windows >= 2:
-                    log.warning("%s", degenerate_warning(rec["box_fill"], cfg.loss.fill_warn))
+                    log.warning("%s", warning)
                     fill_warned = True
             rec.update(type="train", iteration=it, images_seen=it * bs, lr=optimizer.param_groups[0]["lr"],
                        sec_per_iter=(now - t_last) / count)
