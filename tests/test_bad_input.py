@@ -85,6 +85,14 @@ def test_malformed_json_names_line(tmp_path):
         CocoDataset(tmp_path / "list.json", tmp_path)
     with pytest.raises(DatasetError, match="not found"):
         CocoDataset(tmp_path / "nope.json", tmp_path)
+    for text, words in [("[" * 100_000 + "]" * 100_000, "cannot read the JSON: maximum recursion depth"),
+                        ('{"images": [{"id": ' + "9" * 5000 + "}]}", "cannot read the JSON: Exceeds the limit")]:
+        bad.write_text(text)
+        with pytest.raises(DatasetError, match=words):
+            CocoDataset(bad, tmp_path)
+    path, root = _one(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark is skipped
+    assert len(CocoDataset(path, root)) == 1
 
 
 def test_empty_dataset(tmp_path):
@@ -212,6 +220,35 @@ def test_rle_string_reading_matches_pycocotools():
         r = mask_utils.encode(np.asfortranarray(m))
         counts = _rle_string_counts(r["counts"].decode("ascii"))
         assert sum(counts) == h * w and sum(counts[1::2]) == int(mask_utils.area(r)) == int(m.sum())
+    # and reads any string as pycocotools' rleFrString would, refusing what that would misread
+    for _ in range(3000):
+        text = bytes(rng.integers(47, 113, int(rng.integers(0, 12)), dtype=np.uint8))
+        assert _rle_string_counts(text) == _rle_string_counts_reference(text), text
+
+
+def _rle_string_counts_reference(s: bytes):
+    """rleFrString, character by character, refusing out-of-range characters, a string ending inside a
+    number, numbers of more than 6 groups and negative counts."""
+    counts, x, k = [], 0, 0
+    for byte in s:
+        c = byte - 48
+        if not 0 <= c < 64:
+            return None
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:
+            if k >= 6:
+                return None
+            continue
+        if c & 0x10:
+            x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0:
+            return None
+        counts.append(x)
+        x = k = 0
+    return None if k else counts
 
 
 # ---------------------------------------------------------------- boxes, categories, files
@@ -351,7 +388,7 @@ def test_unreadable_image_at_training_time_is_skipped_with_skip_invalid(tmp_path
         CocoDataset(path, root, skip_invalid=True).load(1)
 
 
-def test_training_skips_an_undecodable_image(tmp_path, capsys):
+def test_training_skips_an_undecodable_image(tmp_path, capsys, caplog):
     images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64, "array": np.full((64, 64, 3), 40 * i, np.uint8)}
               for i in (1, 2, 3)]
     anns = [{"id": i, "image_id": i, "category_id": 3, "bbox": [8, 8, 30, 20]} for i in (1, 2, 3)]
@@ -362,7 +399,11 @@ def test_training_skips_an_undecodable_image(tmp_path, capsys):
     args = ["train", "-c", "configs/tiny.yaml", "--train-json", str(path), "--train-images", str(root),
             "--out", str(run), "--max-iters", "2", "--no-progress"]
     assert main(args) == 2 and "image id 2 (2.png): cannot read" in capsys.readouterr().err
-    assert main(args[:-1] + ["--out", str(tmp_path / "run2"), "data.skip_invalid=true", "--no-progress"]) == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="boxmask"):
+        assert main(args[:-1] + ["--out", str(tmp_path / "run2"), "data.skip_invalid=true", "data.num_workers=0",
+                                 "solver.ims_per_batch=3", "--no-progress"]) == 0
+    assert any("skipped:" in r.getMessage() and "image id 2 (2.png): cannot read" in r.getMessage() for r in caplog.records)
 
 
 def test_float_and_int32_images(tmp_path):

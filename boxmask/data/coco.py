@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import stat
 from dataclasses import dataclass, field
@@ -62,12 +63,14 @@ def read_json(path: str | Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"annotation file not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some Windows tools write, is skipped
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not a UTF-8 text file ({e})") from None
+    except (ValueError, RecursionError) as e:  # integers of thousands of digits, arrays nested thousands deep
+        raise DatasetError(f"{path}: cannot read the JSON: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: top level must be an object with 'images', 'annotations', 'categories'")
     for key in ("images", "categories"):
@@ -491,20 +494,25 @@ def _segmentation_problem(seg, width: int, height: int, clip: bool) -> tuple[str
         for k, poly in enumerate(seg):
             if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0):
                 return f"polygon {k} must be a list of x, y coordinates with at least 3 points, got {_short(poly)}", False
-            if not all(_is_number(v) for v in poly):
+            if not all(map(_is_number, poly)):
                 return f"polygon {k} holds a value that is not a number", False
-            xs, ys = [_as_float(v) for v in poly[0::2]], [_as_float(v) for v in poly[1::2]]
-            if not all(math.isfinite(v) for v in xs + ys):
+            # plain Python on lists: numpy's per-call overhead dominates for polygons of tens of points
+            try:
+                xs, ys = list(map(float, poly[0::2])), list(map(float, poly[1::2]))
+            except OverflowError:  # an integer too large for a float
+                xs = ys = [math.inf]
+            if not (all(map(math.isfinite, xs)) and all(map(math.isfinite, ys))):
                 return f"polygon {k} has a non-finite coordinate", False
+            x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
             # pycocotools rasterises the whole outline: far-away points cost memory until it crashes
-            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+            if x0 < -width or x1 > 2 * width or y0 < -height or y1 > 2 * height:
                 return f"polygon {k} reaches far outside the {width}x{height} image (more than the image size past its edge)", False
-            if max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
+            if x1 <= 0 or x0 >= width or y1 <= 0 or y0 >= height:
                 return f"polygon {k} lies outside the {width}x{height} image", False
-            twice_area = sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs)))
+            twice_area = sum(map(operator.mul, xs, ys[1:] + ys[:1])) - sum(map(operator.mul, xs[1:] + xs[:1], ys))
             if abs(twice_area) < 1e-6:
                 return f"polygon {k} has zero area (its points are collinear or repeated)", False
-            if min(xs) < -1 or max(xs) > width + 1 or min(ys) < -1 or max(ys) > height + 1:
+            if x0 < -1 or x1 > width + 1 or y0 < -1 or y1 > height + 1:
                 if not clip:
                     return f"polygon {k} lies partly outside the {width}x{height} image (clipping is off)", False
                 clipped = True
@@ -534,30 +542,27 @@ def _rle_string_counts(s: str | bytes) -> list[int] | None:
     """Run lengths of a COCO compressed RLE string, or None when it is malformed.
 
     The same decoding as pycocotools' rleFrString, which checks nothing: a string ending inside a number
-    is read past its end, and counts not covering the image exactly decode to uninitialised pixels."""
+    is read past its end, and counts not covering the image exactly decode to uninitialised pixels.
+    Each count is 5-bit groups, low first, 0x20 marking that more follow, 0x10 of the last the sign; from
+    the fourth on a count is stored as the difference to the one two before."""
     if isinstance(s, str):
         try:
             s = s.encode("ascii")
         except UnicodeEncodeError:
             return None
-    counts: list[int] = []
-    x = k = 0
-    for byte in s:
-        c = byte - 48
-        if not 0 <= c < 64:
-            return None
-        x |= (c & 0x1F) << (5 * k)
-        k += 1
-        if c & 0x20:  # more 5-bit groups follow
-            if k >= 6:  # 30 bits hold any run of an image Pillow opens (and keep pycocotools' int shifts defined)
-                return None
-            continue
-        if c & 0x10:  # sign bit of the last group
-            x |= -1 << (5 * k)
-        if len(counts) > 2:  # from the fourth on, counts are stored as differences
-            x += counts[-2]
-        if x < 0:
-            return None
-        counts.append(x)
-        x = k = 0
-    return None if k else counts
+    c = np.frombuffer(s, np.uint8).astype(np.int64) - 48
+    if not c.size:
+        return []
+    if c.min() < 0 or c.max() >= 64 or c[-1] & 0x20:  # a character out of range, or the string ends inside a number
+        return None
+    last = (c & 0x20) == 0  # the last group of each number
+    number = np.concatenate([[0], np.cumsum(last[:-1])])  # which number each character belongs to
+    starts = np.concatenate([[0], np.flatnonzero(last)[:-1] + 1])
+    k = np.arange(c.size) - starts[number]  # position of the group within its number
+    if k.max() >= 6:  # 30 bits hold any run of an image Pillow opens (and keep pycocotools' int shifts defined)
+        return None
+    x = np.add.reduceat((c & 0x1F) << (5 * k), starts)
+    x -= np.where(c[last] & 0x10, 1 << (5 * (k[last] + 1)), 0)  # sign-extend
+    x[1::2] = np.cumsum(x[1::2])  # undo the differences: counts 3, 5, ... add to count 1; 4, 6, ... to count 2
+    x[2::2] = np.cumsum(x[2::2])
+    return None if (x < 0).any() else x.tolist()
