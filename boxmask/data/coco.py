@@ -45,7 +45,7 @@ class ValidationReport:
         if self.crowd_only:
             text += f"; {self.crowd_only} crowd-only images (kept as negatives)"
         if self.clipped:
-            ids = ", ".join(str(i) for i in self.clipped[:5]) + (", ..." if len(self.clipped) > 5 else "")
+            ids = ", ".join(_show(i) for i in self.clipped[:5]) + (", ..." if len(self.clipped) > 5 else "")
             text += f"; {len(self.clipped)} boxes or polygons partly outside their image clipped (annotation ids {ids})"
         return text
 
