@@ -164,13 +164,21 @@ def _report(args) -> int:
 
 
 def _check(args) -> int:
-    from .data.coco import CocoDataset
+    from .data.coco import CocoDataset, EmptyDatasetError
 
-    # Lenient mode so that every problem is listed, not just the first one (printed below, not logged).
+    # Lenient mode so that every problem is listed, not just the first one (printed below, not logged);
+    # every image is decoded, so that a truncated or unsupported file is found now rather than in training.
     logging.getLogger("boxmask").setLevel(logging.ERROR)
-    ds = CocoDataset(args.json, args.images, skip_invalid=True, clip_boxes=not args.no_clip)
+    try:
+        ds = CocoDataset(args.json, args.images, skip_invalid=True, clip_boxes=not args.no_clip, decode_images=True)
+    except EmptyDatasetError as e:
+        for msg in e.report.messages:
+            print(msg)
+        raise
     for msg in ds.report.messages:
         print(msg)
+    for warning in ds.report.warnings:
+        print(f"{args.json}: warning: {warning}")
     print(f"{args.json}: {ds.report.summary()}")
     with_mask, box_only = ds.mask_counts()
     print(f"{len(ds.cat_ids)} categories; {with_mask} objects with masks, {box_only} boxes only")

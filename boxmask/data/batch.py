@@ -76,7 +76,7 @@ class EvalDataset(Dataset):
         return len(self.coco)
 
     def __getitem__(self, index: int) -> dict:
-        return apply_transforms(self.coco.load(index, self.with_targets), self.min_size, self.max_size, False)
+        return apply_transforms(self.coco.load(index, self.with_targets, for_eval=True), self.min_size, self.max_size, False)
 
 
 def collate(samples: list[dict], size_divisibility: int = 32) -> dict:
