@@ -194,6 +194,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _device_arg(name: str) -> str:
+    from .config import check_device
+
+    try:
+        return check_device(name, "--device")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -239,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boxinst (boxes), sim (boxes + self-training) or full (mask supervision); default: the config's")
     t.add_argument("--out", help="run folder (out; default: the config's, runs/train)")
     t.add_argument("--max-iters", type=int, help="training iterations (solver.max_iters), used as given")
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (device; default: the config's, auto)")
+    t.add_argument("--device", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps (device; default: the config's, auto)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--viz-paste", type=int, metavar="N",
                    help="(sim) save the first N copy-paste composites with their updated boxes to OUT/paste_viz/")
@@ -250,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", required=True, help="COCO json with GT masks (boxes only: box AP only)")
     e.add_argument("--images", required=True, help="folder of its images")
     e.add_argument("--out", help="write the metrics as JSON here")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--device", default="auto", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps")
     e.add_argument("--skip-invalid", action="store_true", help="log and skip invalid images and annotations")
     e.add_argument("--viz", type=int, default=0, metavar="N",
                    help="save N images with GT and predicted masks side by side, worst mask IoU first")
@@ -279,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mask-thresh", type=float, default=0.5, help="probability above which a pixel is in the mask")
     pl.add_argument("--min-quality", type=float, default=0.0,
                     help="flag masks whose mean probability is below this (pseudo_low_quality)")
-    pl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    pl.add_argument("--device", default="auto", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps")
     pl.set_defaults(func=_pseudo_label)
 
     cv = sub.add_parser("convert", help="Pascal VOC / YOLO / LabelMe boxes to a COCO json")
@@ -299,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run", help="a run folder (finished or in progress)")
     rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
     rp.add_argument("--pictures", type=int, default=4, help="validation images to show with predictions")
-    rp.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (for the pictures' predictions)")
+    rp.add_argument("--device", default="cpu", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps (for the pictures' predictions)")
     rp.set_defaults(func=_report)
 
     w = sub.add_parser("weights", help="place torchvision's ImageNet MobileNetV2 weights in torch's cache, offline", **fmt,

@@ -264,6 +264,13 @@ def _show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_device(name: str, what: str = "device") -> str:
+    """``name`` if it is a device boxmask knows how to ask for (whether it exists is checked when used)."""
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"{what} must be auto, cpu, cuda, cuda:N or mps; got {_show(name)}")
+    return name
+
+
 def _describe(spec: str) -> str:
     return spec if spec[0] in "<>" else f"in {spec}"
 
@@ -493,8 +500,7 @@ def validate(cfg: Config) -> None:
             if key in RANGES and not _in_range(v, RANGES[key]):
                 shown = f"{v:g}" if isinstance(v, float) else str(v)
                 raise ConfigError(f"config key '{key}' must be {_describe(RANGES[key])}, got {shown}")
-    if not _DEVICE.fullmatch(cfg.device):
-        raise ConfigError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps; got {_show(cfg.device)}")
+    check_device(cfg.device, "config key 'device'")
     if not cfg.out.strip():
         raise ConfigError("config key 'out' must name a folder")
     m, s = cfg.model, cfg.sim

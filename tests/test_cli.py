@@ -49,7 +49,7 @@ def test_train_help_lists_the_presets(capsys):
     assert all(p in out for p in preset_names()) and "mobilenet_v2_192" in out
 
 
-@pytest.mark.parametrize("bad", [["--device", "foo"], ["checkpoint_period=0"], ["log_period=0"], ["data.hflip=2"],
+@pytest.mark.parametrize("bad", [["device=foo"], ["checkpoint_period=0"], ["log_period=0"], ["data.hflip=2"],
                                  ["data.min_size_train=[]"], ["solver.lr=nan"], ["data.max_size=0"],
                                  ["eval_period=-1"], ["data.num_workers=-1"]])
 def test_bad_values_stop_train_before_anything_is_written(tmp_path, capsys, bad):
@@ -58,6 +58,16 @@ def test_bad_values_stop_train_before_anything_is_written(tmp_path, capsys, bad)
                  "--train-images", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("boxmask: error: config key") and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "ck", "--json", "j", "--images", "i"], ["report", "run"],
+                                     ["pseudo-label", "ck", "--json", "j", "--images", "i", "--out", "o"],
+                                     ["train", "-c", "tiny"]])
+def test_a_bad_device_is_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--device", "gpu0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--device must be auto, cpu, cuda, cuda:N or mps; got 'gpu0'" in err
 
 
 def test_unknown_preset_lists_the_presets(capsys):

@@ -128,7 +128,7 @@ def _tiny_batch_4(*extra):
     return load_config("configs/tiny.yaml", ["solver.ims_per_batch=4", *extra])
 
 
-def test_values_typed_by_the_user_are_not_rescaled():
+def test_values_typed_by_the_user_are_not_rescaled(monkeypatch):
     cfg = _tiny_batch_4("solver.max_iters=40")
     scaled, msg = scale_for_batch(cfg, 1)
     assert scaled.solver.max_iters == 40  # typed: as given
@@ -146,12 +146,8 @@ def test_values_typed_by_the_user_are_not_rescaled():
     import boxmask.engine.trainer as trainer_mod
     from boxmask import cli
 
-    orig = trainer_mod.train
-    trainer_mod.train = lambda cfg, **kw: seen.setdefault("cfg", cfg)
-    try:
-        cli._train(args)
-    finally:
-        trainer_mod.train = orig
+    monkeypatch.setattr(trainer_mod, "train", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    cli._train(args)
     assert scale_for_batch(seen["cfg"], 1)[0].solver.max_iters == 40
 
 
