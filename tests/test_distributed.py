@@ -18,7 +18,7 @@ from .conftest import write_dataset
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["data.min_size_train=[64]", "data.min_size_test=64", "data.hflip=0.0", "model.fpn_channels=32",
           "model.mask_branch_channels=32", "solver.warmup_iters=1", "solver.scale_to_batch=false", "log_period=1",
-          "checkpoint_period=2", "keep_checkpoints=5", "tb_image_period=0"]
+          "checkpoint_period=2", "keep_checkpoints=5", "tb_image_period=0", "device=cpu"]  # gloo, whatever the machine
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from PIL import Image
 from boxmask.cli import main
 from boxmask.engine.checkpoint import CheckpointError, load_checkpoint
 
+# device=cpu: the presets pick cuda when there is one, and the exact-resume checks need the CPU
 TINY = ["data.min_size_train=[64]", "data.min_size_test=64", "solver.ims_per_batch=2", "checkpoint_period=2",
         "log_period=1", "model.fpn_channels=32", "model.mask_branch_channels=32", "solver.warmup_iters=1",
-        "solver.scale_to_batch=false"]
+        "solver.scale_to_batch=false", "device=cpu"]
 
 
 def _train(synth_data, out, method="boxinst", iters=4, extra=(), resume=False):

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import yaml
 
 from boxmask.cli import main
 from boxmask.config import ConfigError, load_config, scale_for_batch
@@ -120,6 +121,77 @@ def test_linear_scaling_rule():
     frac = load_config("configs/tiny.yaml", ["solver.ims_per_batch=16"])
     s, _ = scale_for_batch(frac, 1)  # fractions of the schedule stay fractions
     assert s.solver.max_iters == 300 and s.solver.lr == pytest.approx(0.002) and s.loss.pairwise_warmup_frac == frac.loss.pairwise_warmup_frac
+
+
+def _tiny_batch_4(*extra):
+    """The tiny preset (tuned for 8 images per step) at 4: twice the steps."""
+    return load_config("configs/tiny.yaml", ["solver.ims_per_batch=4", *extra])
+
+
+def test_values_typed_by_the_user_are_not_rescaled(monkeypatch):
+    cfg = _tiny_batch_4("solver.max_iters=40")
+    scaled, msg = scale_for_batch(cfg, 1)
+    assert scaled.solver.max_iters == 40  # typed: as given
+    assert scaled.solver.lr == pytest.approx(cfg.solver.lr / 2) and scaled.checkpoint_period == 400
+    # the warm-up (50 -> 100) would be longer than the run: clamped, and said
+    assert scaled.solver.warmup_iters == 40 and "clamped" in msg and "kept as given: solver.max_iters=40" in msg
+    lr_typed, msg = scale_for_batch(_tiny_batch_4("solver.lr=0.003", "solver.warmup_iters=10"), 1)
+    assert lr_typed.solver.lr == 0.003 and lr_typed.solver.warmup_iters == 10 and lr_typed.solver.max_iters == 1200
+    assert "solver.lr=0.003" in msg and "solver.warmup_iters=10" in msg
+    # the flags of `boxmask train` count as typed
+    from boxmask.cli import build_parser
+
+    args = build_parser().parse_args(["train", "-c", "tiny", "solver.ims_per_batch=4", "--max-iters", "40"])
+    seen = {}
+    import boxmask.engine.trainer as trainer_mod
+    from boxmask import cli
+
+    monkeypatch.setattr(trainer_mod, "train", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    cli._train(args)
+    assert scale_for_batch(seen["cfg"], 1)[0].solver.max_iters == 40
+
+
+def test_warmup_is_clamped_to_the_run_without_batch_scaling():
+    cfg = load_config("configs/tiny.yaml", ["solver.max_iters=20"])  # batch as tuned: no scaling
+    scaled, msg = scale_for_batch(cfg, 1)
+    assert scaled.solver.warmup_iters == 20 and msg.startswith("solver.warmup_iters 50 is longer than the run")
+    assert scale_for_batch(scaled, 1) == (scaled, None)
+
+
+def test_momenta_follow_the_batch_scaling():
+    cfg = load_config("configs/sim_tiny.yaml", ["solver.ims_per_batch=4"])
+    scaled, msg = scale_for_batch(cfg, 1)
+    f = 4 / 8
+    assert scaled.sim.ema_momentum == pytest.approx(cfg.sim.ema_momentum ** f)
+    assert scaled.sim.proto_momentum == pytest.approx(cfg.sim.proto_momentum ** f)
+    # the same forgetting per image seen: m' ** (steps now) == m ** (steps before)
+    assert scaled.sim.ema_momentum ** scaled.solver.max_iters == pytest.approx(cfg.sim.ema_momentum ** cfg.solver.max_iters)
+    assert "sim.ema_momentum 0.98 -> 0.989949" in msg and "sim.proto_momentum" in msg
+    bigger, _ = scale_for_batch(load_config("configs/sim_tiny.yaml", ["solver.ims_per_batch=16"]), 1)
+    assert bigger.sim.ema_momentum == pytest.approx(0.98 ** 2)
+    typed, msg = scale_for_batch(load_config("configs/sim_tiny.yaml", ["solver.ims_per_batch=4", "sim.ema_momentum=0.9"]), 1)
+    assert typed.sim.ema_momentum == 0.9 and typed.sim.proto_momentum == pytest.approx(cfg.sim.proto_momentum ** f)
+    assert "kept as given: sim.ema_momentum=0.9" in msg
+    huge = load_config("configs/tiny.yaml", ["solver.ims_per_batch=64"])
+    huge.solver.lr = 1e308  # as if from a YAML file
+    with pytest.raises(ConfigError, match="solver.lr"):  # scaling must not make a value invalid
+        scale_for_batch(huge, 8)
+
+
+def test_scaling_line_and_first_lines_reach_log_txt(synth_data, tmp_path):
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a != "solver.scale_to_batch=false"]  # 2 images per step vs the preset's 8
+    assert main(["train", "-c", "configs/tiny.yaml", *tiny, "--train-json", str(synth_data / "train.json"),
+                 "--train-images", str(synth_data / "images"), "--out", str(out), "--max-iters", "3",
+                 "--no-progress"]) == 0
+    log = (out / "log.txt").read_text()
+    head = log.splitlines()[:4]
+    assert "batch scaling: effective batch 2" in head[0] and "kept as given: solver.max_iters=3" in head[0]
+    assert any("train " in l and "train.json" in l for l in head) and any("supervision:" in l for l in head)
+    saved = yaml.safe_load((out / "config.yaml").read_text())["solver"]
+    assert saved["max_iters"] == 3 and saved["lr"] == pytest.approx(0.001 / 4) and saved["warmup_iters"] == 1
+    last = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["iteration"] == 3
 
 
 def _one_class(synth_data, tmp_path, name="one.json", cat_name="shape"):

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import logging
+import logging.handlers
 import math
 import random
 import time
@@ -151,10 +152,19 @@ def _autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext(), None
 
 
+class _EarlyLines(logging.handlers.MemoryHandler):
+    """Holds the lines logged before RUN/log.txt can exist (batch scaling, datasets, supervision)."""
+
+
 def _setup_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("boxmask").addHandler(handler)
+    logger = logging.getLogger("boxmask")
+    for early in [h for h in logger.handlers if isinstance(h, _EarlyLines)]:
+        early.setTarget(handler)
+        early.flush()
+        logger.removeHandler(early)
+    logger.addHandler(handler)
     return handler
 
 
@@ -246,9 +256,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     on ranks other than 0). Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the
     process group, trains its share of each global batch with DDP, and only rank 0 writes."""
     created, local_rank = ddp.init_from_env(cfg.device)
+    early = _EarlyLines(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger("boxmask").addHandler(early)
     try:
         return _train(cfg, resume, progress, local_rank)
     finally:
+        logging.getLogger("boxmask").removeHandler(early)
         if created:
             torch.distributed.destroy_process_group()
 

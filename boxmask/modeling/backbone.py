@@ -49,9 +49,12 @@ def load_backbone_state(weights: str) -> dict[str, torch.Tensor] | None:
     if "_Weights." in weights and not Path(weights).exists():
         path = torchvision_cache_file(weights)
         if not path.is_file():
+            from ..offline_weights import FILE_NAME
+
+            fetch = "run `boxmask weights` (places this file offline), " if path.name == FILE_NAME else ""
             raise WeightsError(
                 f"backbone weights {weights} are not on this machine and boxmask never downloads them: "
-                f"place the file at {path} (or set TORCH_HOME), or give model.weights=PATH/TO/FILE.pth"
+                f"{fetch}place the file at {path} (or set TORCH_HOME), or give model.weights=PATH/TO/FILE.pth"
             )
         return _read_state(path, _cached_file_bytes(path))
     path = Path(weights)
