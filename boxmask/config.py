@@ -103,6 +103,9 @@ class LossConfig:
 class SimConfig:
     """SIM (method: sim). Defaults follow the paper (spec section 7); the released code's choices are switches."""
     ema_momentum: float = 0.9999  # EMA teacher
+    # momentum min(ema_momentum, (1 + t) / (10 + t)) after t updates, so the teacher forgets its initial
+    # (random-headed) weights within a few hundred steps whatever the momentum (mean-teacher practice)
+    ema_warmup: bool = True
     # ema: the teacher runs its own (EMA) backbone (paper); student: its EMA heads and mask branch run on
     # the student's FPN features, saving the teacher's backbone pass (~20% of a CPU training step)
     teacher_backbone: str = "ema"
@@ -112,6 +115,17 @@ class SimConfig:
     sinkhorn_iters: int = 3
     proto_momentum: float = 0.999  # gamma
     proto_pixels: str = "pseudo"  # pseudo = M_hat foreground (paper) | mi = teacher M_I > fg_thresh (code)
+    # Prototype pixel hygiene: also require teacher M_I > proto_confidence (0 = off), then erode the selected
+    # region by proto_erode cells of the mask grid (0 = off); proto_from: start = update from iteration 0
+    # (paper, code) | switch_on = only once the pseudo stage is on (past warmup_frac)
+    proto_confidence: float = 0.0
+    proto_erode: int = 0
+    proto_from: str = "start"
+    # Background prototypes learnt (Sinkhorn + EMA, like a class) from the pixels outside every box; with
+    # semantic_softmax M_S = exp(s_c / tau) / (exp(s_c / tau) + exp(s_bg / tau)), s = the best similarity
+    # among the object's class prototypes / the background prototypes (both keys go together)
+    bg_prototypes: int = 0
+    semantic_softmax: bool = False
     semantic: bool = True  # use the semantic map M_S (and update prototypes)
     self_correction: bool = True  # use the instance map M_I in the fusion
     weighting: str = "iou"  # iou = softmax(mu * IoU) over an object's positives (paper) | mean (code)
@@ -125,6 +139,9 @@ class SimConfig:
     pseudo_loss: str = "bce_dice"  # bce_dice (paper) | focal (code)
     warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
     ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
+    # Teacher asymmetry: the student's input gets strong photometric augmentation (colour jitter, grayscale,
+    # blur); the teacher and the colour-affinity (pairwise) term see the clean image. Needs teacher_backbone=ema.
+    student_aug: bool = False
     pairwise_feat_sim: bool = False  # code-only: colour x teacher-feature similarity in the pairwise term
     pairwise_feat_thresh: float = 0.1
     # Online copy-paste (section 2.6): a FIFO bank of recent images with the teacher's paste masks, filled
@@ -310,6 +327,7 @@ def validate(cfg: Config) -> None:
                                 ("sim.proto_pixels", cfg.sim.proto_pixels, ("pseudo", "mi")),
                                 ("sim.pseudo_loss", cfg.sim.pseudo_loss, ("bce_dice", "focal")),
                                 ("sim.teacher_backbone", cfg.sim.teacher_backbone, ("ema", "student")),
+                                ("sim.proto_from", cfg.sim.proto_from, ("start", "switch_on")),
                                 ("data.gt_masks", cfg.data.gt_masks, ("use", "ignore"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got '{value}'")
@@ -317,6 +335,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sim.bank_length must be >= 1, sim.paste_prob in [0, 1], sim.paste_min <= sim.paste_max")
     if not (cfg.sim.semantic or cfg.sim.self_correction):
         raise ConfigError("sim.semantic and sim.self_correction cannot both be off (no pseudo mask left)")
+    if cfg.sim.bg_prototypes < 0 or cfg.sim.proto_erode < 0 or not 0.0 <= cfg.sim.proto_confidence < 1.0:
+        raise ConfigError("sim.bg_prototypes and sim.proto_erode must be >= 0, sim.proto_confidence in [0, 1)")
+    if cfg.sim.semantic_softmax != (cfg.sim.bg_prototypes > 0):
+        raise ConfigError("sim.semantic_softmax=true and sim.bg_prototypes > 0 go together (the background "
+                          f"prototypes enter M_S only through the softmax); got semantic_softmax={cfg.sim.semantic_softmax}, "
+                          f"bg_prototypes={cfg.sim.bg_prototypes}")
+    if cfg.sim.student_aug and cfg.sim.teacher_backbone != "ema":
+        raise ConfigError("sim.student_aug needs sim.teacher_backbone=ema: with 'student' the teacher's heads run on "
+                          "the student's (augmented) features and would not see the clean image")
     if cfg.model.mask_head_init not in ("shared", "condinst"):
         raise ConfigError(f"model.mask_head_init must be shared or condinst, got '{cfg.model.mask_head_init}'")
     if len(cfg.model.sizes_of_interest) != len(cfg.model.fpn_strides) - 1:
