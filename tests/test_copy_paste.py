@@ -189,3 +189,14 @@ def test_pasted_objects_never_reenter_the_bank():
     assert torch.equal(visible, batch["region_masks_padded"][0][0])  # the box minus the pasted pixels
     for seed in range(50):
         assert select_objects(entry["scores"], 1.0, 1, 3, False, 1.0, torch.Generator().manual_seed(seed)).tolist() == [0]
+
+
+def test_pseudo_loss_leaves_out_pasted_and_mask_supervised_objects():
+    """A pasted object is supervised by the paste loss and a mask-supervised one by its GT Dice: the pseudo
+    loss would count them twice."""
+    batch = {"region_masks_padded": [], "targets": [{"pasted": torch.tensor([False, False, True])}]}
+    aux = {"inst": {"gt_global": torch.tensor([0, 0, 1, 2, 2])}}
+    assert SIM._pseudo_supervised(batch, aux).tolist() == [1, 1, 1, 0, 0]
+    aux["has_mask"] = torch.tensor([False, False, True, False, False])
+    assert SIM._pseudo_supervised(batch, aux).tolist() == [1, 1, 0, 0, 0]
+    assert SIM._pseudo_supervised({"targets": []}, {"inst": aux["inst"]}) is None  # boxes only: every instance
