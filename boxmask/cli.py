@@ -68,6 +68,15 @@ def _eval(args) -> int:
         if "pseudo_mIoU" in q:
             line += f", SIM pseudo masks mIoU {q['pseudo_mIoU']:.3f}"
         print(line + f" ({q['covered']} of {q['num_gt']} objects have positives)")
+        for name, qs in q.get("splits", {}).items():
+            line = f"  {name}: model mIoU {qs['model_mIoU']:.3f}"
+            if "pseudo_mIoU" in qs:
+                line += f", SIM pseudo masks mIoU {qs['pseudo_mIoU']:.3f}"
+            print(line + f" ({qs['covered']} of {qs['num_gt']} objects)")
+        if q.get("sim_maps"):
+            from .evaluation.sim_maps import format_sim_maps
+
+            print(format_sim_maps(q["sim_maps"]))
     if args.out:
         atomic_write_text(args.out, json.dumps(metrics, indent=2))
         print(f"metrics written to {args.out}")

@@ -105,6 +105,9 @@ class LossConfig:
 class SimConfig:
     """SIM (method: sim). Defaults follow the paper (spec section 7); the released code's choices are switches."""
     ema_momentum: float = 0.9999  # EMA teacher
+    # momentum min(ema_momentum, (1 + t) / (10 + t)) after t updates, so the teacher forgets its initial
+    # (random-headed) weights within a few hundred steps whatever the momentum (mean-teacher practice)
+    ema_warmup: bool = True
     # ema: the teacher runs its own (EMA) backbone (paper); student: its EMA heads and mask branch run on
     # the student's FPN features, saving the teacher's backbone pass (~20% of a CPU training step)
     teacher_backbone: str = "ema"
@@ -114,6 +117,17 @@ class SimConfig:
     sinkhorn_iters: int = 3
     proto_momentum: float = 0.999  # gamma
     proto_pixels: str = "pseudo"  # pseudo = M_hat foreground (paper) | mi = teacher M_I > fg_thresh (code)
+    # Prototype pixel hygiene: also require teacher M_I > proto_confidence (0 = off), then erode the selected
+    # region by proto_erode cells of the mask grid (0 = off); proto_from: start = update from iteration 0
+    # (paper, code) | switch_on = only once the pseudo stage is on (past warmup_frac)
+    proto_confidence: float = 0.0
+    proto_erode: int = 0
+    proto_from: str = "start"
+    # Background prototypes learnt (Sinkhorn + EMA, like a class) from the pixels outside every box; with
+    # semantic_softmax M_S = exp(s_c / tau) / (exp(s_c / tau) + exp(s_bg / tau)), s = the best similarity
+    # among the object's class prototypes / the background prototypes (both keys go together)
+    bg_prototypes: int = 0
+    semantic_softmax: bool = False
     semantic: bool = True  # use the semantic map M_S (and update prototypes)
     self_correction: bool = True  # use the instance map M_I in the fusion
     weighting: str = "iou"  # iou = softmax(mu * IoU) over an object's positives (paper) | mean (code)
@@ -127,6 +141,9 @@ class SimConfig:
     pseudo_loss: str = "bce_dice"  # bce_dice (paper) | focal (code)
     warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
     ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
+    # Teacher asymmetry: the student's input gets strong photometric augmentation (colour jitter, grayscale,
+    # blur); the teacher and the colour-affinity (pairwise) term see the clean image. Needs teacher_backbone=ema.
+    student_aug: bool = False
     pairwise_feat_sim: bool = False  # code-only: colour x teacher-feature similarity in the pairwise term
     pairwise_feat_thresh: float = 0.1
     # Online copy-paste (section 2.6): a FIFO bank of recent images with the teacher's paste masks, filled
@@ -216,6 +233,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sim.proto_pixels": ("pseudo", "mi"),
     "sim.weighting": ("iou", "mean"),
     "sim.pseudo_loss": ("bce_dice", "focal"),
+    "sim.proto_from": ("start", "switch_on"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.scheduler": ("step", "cosine"),
 }
@@ -224,15 +242,16 @@ FREE_TEXT = ("data.train_json", "data.train_images", "data.val_json", "data.val_
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 # The range of every number (for a list: of each element), as "[lo, hi]" / "(lo, hi)" intervals or "> x" / ">= x".
-# Non-finite floats are refused everywhere.
+# Non-finite floats are refused everywhere. Model sizes have upper bounds too: a config read from a checkpoint
+# someone gave you must not be able to ask for a model that fills the memory.
 RANGES: dict[str, str] = {
     "data.min_size_train": "> 0", "data.min_size_test": "> 0", "data.max_size": "> 0", "data.hflip": "[0, 1]",
     "data.pixel_mean": "[0, 255]", "data.pixel_std": "> 0", "data.size_divisibility": ">= 0",
     "data.num_workers": ">= 0",
-    "model.freeze_at": "[0, 2]", "model.fpn_channels": "> 0", "model.head_convs": ">= 0", "model.num_classes": ">= 0",
+    "model.freeze_at": "[0, 2]", "model.fpn_channels": "[1, 4096]", "model.head_convs": "[0, 32]", "model.num_classes": ">= 0",
     "model.fpn_strides": "> 0", "model.sizes_of_interest": "> 0", "model.center_sampling_radius": "> 0",
-    "model.prior_prob": "(0, 1)", "model.mask_branch_channels": "> 0", "model.mask_branch_convs": ">= 0",
-    "model.mask_out_channels": "> 0", "model.mask_head_channels": "> 0", "model.mask_head_layers": ">= 1",
+    "model.prior_prob": "(0, 1)", "model.mask_branch_channels": "[1, 4096]", "model.mask_branch_convs": "[0, 32]",
+    "model.mask_out_channels": "[1, 1024]", "model.mask_head_channels": "[1, 1024]", "model.mask_head_layers": "[1, 32]",
     "model.mask_out_stride": "[1, 8]", "model.max_proposals_per_image": ">= 1", "model.score_thresh": "[0, 1]",
     "model.nms_thresh": "[0, 1]", "model.pre_nms_topk": ">= 1", "model.detections_per_image": ">= 1",
     "model.mask_thresh": "[0, 1]",
@@ -245,7 +264,8 @@ RANGES: dict[str, str] = {
     "sim.pseudo_weight": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
     "sim.paste_fraction": "[0, 1]", "sim.paste_min": ">= 1", "sim.paste_max": ">= 1", "sim.paste_score_power": ">= 0",
-    "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0",
+    "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0", "sim.bg_prototypes": ">= 0", "sim.proto_erode": ">= 0",
+    "sim.proto_confidence": "[0, 1)",
     "solver.lr": "> 0", "solver.momentum": "[0, 1)", "solver.weight_decay": ">= 0", "solver.ims_per_batch": ">= 1",
     "solver.max_iters": ">= 1", "solver.steps": "> 0", "solver.gamma": "(0, 1]", "solver.warmup_iters": ">= 0",
     "solver.warmup_factor": "[0, 1]", "solver.clip_grad_norm": ">= 0", "solver.controller_lr_mult": "> 0",
@@ -528,6 +548,13 @@ def validate(cfg: Config) -> None:
     if not (s.semantic or s.self_correction):
         raise ConfigError("config keys 'sim.semantic' and 'sim.self_correction' cannot both be off "
                           "(no pseudo mask left)")
+    if s.semantic_softmax != (s.bg_prototypes > 0):
+        raise ConfigError("config keys 'sim.semantic_softmax'=true and 'sim.bg_prototypes' > 0 go together (the "
+                          "background prototypes enter M_S only through the softmax); got "
+                          f"semantic_softmax={s.semantic_softmax}, bg_prototypes={s.bg_prototypes}")
+    if s.student_aug and s.teacher_backbone != "ema":
+        raise ConfigError("config key 'sim.student_aug' needs sim.teacher_backbone=ema: with 'student' the teacher's "
+                          "heads run on the student's (augmented) features and would not see the clean image")
 
 
 def scale_for_batch(cfg: Config, world_size: int = 1) -> tuple[Config, str | None]:

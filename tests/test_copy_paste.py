@@ -141,3 +141,62 @@ def test_bad_copy_paste_settings_are_rejected(bad):
 
     with pytest.raises(ConfigError, match="bank_length"):
         _sim_cfg([bad])
+
+
+def test_switch_on_does_not_depend_on_the_pseudo_weight():
+    from boxmask.modeling.criterion import pseudo_weight, sim_switched_on
+
+    cfg = _sim_cfg(["sim.pseudo_weight=0", "sim.warmup_frac=0.5", "solver.max_iters=10"])
+    assert not sim_switched_on(cfg, 4) and sim_switched_on(cfg, 5) and pseudo_weight(cfg, 5) == 0.0
+    assert not sim_switched_on(load_config("configs/tiny.yaml", ["method=boxinst"] + TINY), 10 ** 6)
+
+
+def test_bank_fills_and_pastes_with_the_pseudo_weight_at_zero(synth_data, tmp_path):
+    """Copy-paste alone (sim.pseudo_weight=0): the bank still fills after the warm-up and objects get pasted."""
+    import json
+
+    from boxmask.cli import main
+    from boxmask.engine.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "-c", "configs/tiny.yaml", *TINY, "sim.pseudo_weight=0", "sim.warmup_frac=0.25", "sim.bank_length=2",
+            "sim.paste_prob=1.0", "sim.fg_thresh=0.01", "--method", "sim", "--train-json", str(synth_data / "train.json"),
+            "--train-images", str(synth_data / "images"), "--out", str(out), "--max-iters", "4", "--no-progress"]
+    assert main(args) == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert all(r["loss_pseudo"] == 0.0 for r in records)
+    assert records[-1]["loss_paste"] > 0  # the bank filled and its objects were pasted and supervised
+    assert len(load_checkpoint(out)["sim"]["bank._extra_state"]["entries"]) == 2
+
+
+def test_pasted_objects_never_reenter_the_bank():
+    """A composite's pasted objects go into the bank with an empty mask and score 0 (never drawn again);
+    the objects underneath keep their visible part."""
+    cfg = _sim_cfg(["sim.bank_length=4", "sim.fg_thresh=0.5"])
+    sim = SIM(cfg, CondInst(cfg, 2), 2)
+    _push(sim.bank, 200, [[8, 0, 16, 20]], box_pixel_masks(torch.tensor([[8.0, 0, 16, 20]]), 20, 20))
+    batch = paste_batch(_batch([[2, 2, 12, 12]]), sim.bank, torch.Generator().manual_seed(0))
+    assert batch["targets"][0]["pasted"].tolist() == [False, True]
+    boxes = batch["targets"][0]["boxes"]
+    h, w = 5, 5  # the mask grid (stride 4) of the 20 x 20 image
+    aux = {"gt_boxes": boxes, "gt_labels": batch["targets"][0]["labels"], "gt_counts": [2]}
+    pm = {"m_i": torch.ones(2, h, w)}  # the teacher is sure of both objects everywhere
+    sim._fill_bank(batch, aux, pm)
+    entry = sim.bank.entries[-1]
+    assert entry["scores"][1] == 0 and entry["masks"][1].numel() == 0  # the pasted object
+    assert entry["scores"][0] > 0
+    visible = MemoryBank.object_mask(entry, 0, 20, 20)
+    assert torch.equal(visible, batch["region_masks_padded"][0][0])  # the box minus the pasted pixels
+    for seed in range(50):
+        assert select_objects(entry["scores"], 1.0, 1, 3, False, 1.0, torch.Generator().manual_seed(seed)).tolist() == [0]
+
+
+def test_pseudo_loss_leaves_out_pasted_and_mask_supervised_objects():
+    """A pasted object is supervised by the paste loss and a mask-supervised one by its GT Dice: the pseudo
+    loss would count them twice."""
+    batch = {"region_masks_padded": [], "targets": [{"pasted": torch.tensor([False, False, True])}]}
+    aux = {"inst": {"gt_global": torch.tensor([0, 0, 1, 2, 2])}}
+    assert SIM._pseudo_supervised(batch, aux).tolist() == [1, 1, 1, 0, 0]
+    aux["has_mask"] = torch.tensor([False, False, True, False, False])
+    assert SIM._pseudo_supervised(batch, aux).tolist() == [1, 1, 0, 0, 0]
+    assert SIM._pseudo_supervised({"targets": []}, {"inst": aux["inst"]}) is None  # boxes only: every instance

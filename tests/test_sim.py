@@ -137,7 +137,7 @@ def test_teacher_starts_as_copy_and_follows_ema():
     cfg = _cfg("sim")
     torch.manual_seed(0)
     student = CondInst(cfg, 3)
-    teacher = EMATeacher(student, momentum=0.5)
+    teacher = EMATeacher(student, momentum=0.5, warmup=False)
     for (n, p), (_, q) in zip(student.named_parameters(), teacher.model.named_parameters()):
         assert torch.equal(p, q) and not q.requires_grad
     with torch.no_grad():
@@ -207,6 +207,7 @@ def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, caps
     assert _train(synth_data, b, resume=True) == 0
     ckpt_b = load_checkpoint(b)
     bank, bank_b = ckpt["sim"].pop("bank._extra_state"), ckpt_b["sim"].pop("bank._extra_state")
+    assert ckpt["sim"].pop("teacher._extra_state") == ckpt_b["sim"].pop("teacher._extra_state") == {"num_updates": 4}
     for key in ("model", "sim"):
         for k, v in ckpt[key].items():
             assert torch.allclose(v.float(), ckpt_b[key][k].float(), atol=1e-6), (key, k)
@@ -218,11 +219,28 @@ def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, caps
     assert records[-1]["loss_paste"] > 0  # objects were pasted and supervised
     assert len(list((a / "paste_viz").glob("*.png"))) == 1
     capsys.readouterr()
-    assert main(["eval", str(a), "--json", str(synth_data / "train_full.json"), "--images", str(synth_data / "images"),
+    # objects flagged by case (none, one or both): the diagnostics come per split
+    data = json.loads((synth_data / "train_full.json").read_text())
+    flags = [[], ["near_colour"], ["same_class_overlap"], ["near_colour", "same_class_overlap"]]
+    for k, ann in enumerate(data["annotations"]):
+        ann["cases"] = flags[k % 4]
+    (tmp_path / "cases.json").write_text(json.dumps(data))
+    assert main(["eval", str(a), "--json", str(tmp_path / "cases.json"), "--images", str(synth_data / "images"),
                  "--out", str(tmp_path / "m.json"), "--no-progress", "--device", "cpu"]) == 0
-    assert "SIM pseudo masks mIoU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "SIM pseudo masks mIoU" in printed and "SIM maps inside the GT boxes" in printed
     q = json.loads((tmp_path / "m.json").read_text())["gt_box_masks"]
     assert 0.0 <= q["pseudo_mIoU"] <= 1.0 and 0.0 <= q["model_mIoU"] <= 1.0 and q["covered"] > 0
+    assert set(q["splits"]) == {"plain", "near_colour", "same_class_overlap"}
+    assert sum(q["splits"][c]["num_gt"] for c in ("plain", "near_colour", "same_class_overlap")) == \
+        q["num_gt"] + sum(k % 4 == 3 for k in range(len(data["annotations"])))  # the doubly flagged count twice
+    maps = q["sim_maps"]
+    assert set(maps) == {"all", "plain", "near_colour", "same_class_overlap"} and maps["all"]["objects"] == q["covered"]
+    for split in maps.values():
+        for m in ("m_s", "m_i", "fused"):
+            assert 0.0 <= split["auc"][m]["pooled"] <= 1.0 and 0.0 <= split["auc"][m]["per_object"] <= 1.0
+        assert 0.0 <= split["pseudo_bg"]["recall"] <= 1.0 and 0.0 <= split["pseudo_ignored"] <= 1.0
+        assert all(name in printed for name in maps)
 
 
 def _sync_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -252,3 +270,210 @@ def test_prototypes_are_averaged_across_ranks(tmp_path):
     a = F.normalize(torch.full((2, 3, 4), 1.0), dim=-1)
     b = F.normalize(torch.full((2, 3, 4), 2.0) + torch.arange(4.0), dim=-1)
     assert torch.allclose(p0, F.normalize((a + b) / 2, dim=-1), atol=1e-6)
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([value], dtype=torch.float64))
+
+
+def test_teacher_momentum_warms_up_so_the_initial_weights_are_forgotten():
+    """COCO presets: m = 0.9999 from step 0 would leave 0.9999^t of the initial (random-headed) teacher;
+    with the warm-up min(m, (1 + t) / (10 + t)) the initial share is 9! t! / (t + 9)!."""
+    shares = {}
+    for warmup in (False, True):
+        student = _Scalar(0.0)
+        teacher = EMATeacher(student, momentum=0.9999, warmup=warmup)
+        with torch.no_grad():
+            teacher.model.w.fill_(1.0)  # the initial weights: what remains of them is the teacher's value
+        momenta = []
+        for _ in range(1000):
+            momenta.append(teacher.current_momentum())
+            teacher.update(student)
+        shares[warmup] = float(teacher.model.w)
+        if warmup:
+            assert momenta[:3] == pytest.approx([0.1, 2 / 11, 3 / 12]) and max(momenta) <= 0.9999
+            assert teacher.num_updates == 1000
+    assert shares[False] == pytest.approx(0.9999 ** 1000, rel=1e-6)  # 90% of the initial weights left
+    assert shares[True] == pytest.approx(math.factorial(9) / math.prod(range(1001, 1010)), rel=1e-6)
+    assert shares[True] < 1e-20
+    # the count survives a state dict round trip; a checkpoint without it counts as warmed up
+    again = EMATeacher(_Scalar(0.0), momentum=0.9999)
+    again.load_state_dict(teacher.state_dict())
+    assert again.num_updates == 1000
+    old = {k: v for k, v in teacher.state_dict().items() if not k.endswith("_extra_state")}
+    again.load_state_dict(old)
+    assert again.current_momentum() == 0.9999
+    assert not EMATeacher(_Scalar(0.0), momentum=0.9999, warmup=False).current_momentum() < 0.9999
+
+
+def test_paired_box_iou_is_the_diagonal_of_box_iou():
+    from torchvision.ops import box_iou
+
+    from boxmask.modeling.sim.self_correction import paired_box_iou
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 50
+    a = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 30 + 1], 1)
+    xy = torch.rand(50, 2, generator=g) * 50
+    b = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 30 + 1], 1)
+    b[:5] = a[:5]  # identical pairs: IoU 1
+    assert torch.allclose(paired_box_iou(a, b), box_iou(a, b).diagonal(), atol=1e-6)
+    assert torch.allclose(paired_box_iou(a[:5], b[:5]), torch.ones(5))
+
+
+def test_semantic_softmax_against_background_prototypes():
+    protos = Prototypes(1, 2, 2, num_background=2)
+    protos.protos.copy_(torch.tensor([[[1.0, 0.0], [0.6, 0.8]]]))
+    protos.bg_protos.copy_(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
+    z = F.normalize(torch.tensor([1.0, 1.0]), dim=0)  # cos: class (0.707, 0.990), background (0.707, -0.707)
+    feats = z.view(1, 2, 1, 1)
+    s_c, s_bg = 0.6 * z[0] + 0.8 * z[1], z[1]
+    m = protos.semantic_map(feats, torch.tensor([0]), tau=0.1, softmax=True)
+    expected = math.exp(s_c / 0.1) / (math.exp(s_c / 0.1) + math.exp(s_bg / 0.1))
+    assert m.item() == pytest.approx(expected, rel=1e-5)
+    # without background prototypes the paper's map is unchanged; the softmax needs them
+    assert protos.semantic_map(feats, torch.tensor([0]), tau=0.1).item() == pytest.approx(1 / (1 + math.exp(-s_c / 0.1)))
+    with pytest.raises(ValueError, match="background"):
+        Prototypes(1, 2, 2).semantic_map(feats, torch.tensor([0]), softmax=True)
+    assert "bg_protos" not in Prototypes(1, 2, 2).state_dict()  # old checkpoints keep their keys
+
+
+def _synth_batch(synth_data, cfg, n=2, json="train.json", with_masks=False):
+    from boxmask.data.batch import TrainDataset, collate
+    from boxmask.data.coco import CocoDataset
+
+    ds = CocoDataset(synth_data / json, synth_data / "images")
+    td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, with_masks)
+    return collate([td[(i, 0)] for i in range(n)]), len(ds.cat_ids)
+
+
+def _sim_step(synth_data, extra=(), pseudo_on=True, json="train.json", with_masks=False, has_mask=None):
+    """A SIM model and one step's losses on real synth images (the untrained teacher's M_I is about 0.5:
+    fg_thresh 0.3 lets pixels through)."""
+    from boxmask.modeling.sim.method import SIM
+
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
+                                            "sim.proto_pixels=mi", *extra])
+    batch, num_classes = _synth_batch(synth_data, cfg, json=json, with_masks=with_masks)
+    if has_mask is not None:
+        for t in batch["targets"]:
+            t["has_mask"] = torch.tensor([has_mask(k) for k in range(len(t["boxes"]))])
+    torch.manual_seed(0)
+    model = CondInst(cfg, num_classes).train()
+    sim = SIM(cfg, model, num_classes)
+    batch = sim.prepare_batch(batch, 0, 0)
+    losses, aux = model(batch, return_aux=True)
+    before = {k: v.clone() for k, v in sim.prototypes.state_dict().items()}
+    extra_losses, stats = sim.losses(batch, aux, pseudo_on=pseudo_on)
+    return sim, model, batch, aux, {**losses, **extra_losses}, stats, before
+
+
+def test_background_prototypes_learn_from_pixels_outside_every_box(synth_data):
+    sim, _, batch, aux, _, _, before = _sim_step(synth_data, ["sim.bg_prototypes=3", "sim.semantic_softmax=true"])
+    assert not torch.equal(sim.prototypes.bg_protos, before["bg_protos"])
+    assert torch.allclose(sim.prototypes.bg_protos.norm(dim=-1), torch.ones(3), atol=1e-6)
+    h, w = aux["mask_logits"].shape[-2:]
+    bg = sim._certain_background(batch, aux, (h, w))
+    from boxmask.modeling.condinst import box_cells
+
+    cells = box_cells(aux["gt_boxes"], h, w, sim.cfg.model.mask_out_stride)
+    for g, i in enumerate(aux["gt_image"].tolist()):
+        assert not (bg[i] & cells[g]).any()  # nothing inside a box
+    for i, (ih, iw) in enumerate(batch["image_sizes"]):
+        assert not bg[i, (ih + 3) // 4:].any() and not bg[i, :, (iw + 3) // 4:].any()  # nor in the padding
+    assert bg.any()
+
+
+def test_proto_confidence_erosion_and_switch_on(synth_data):
+    from boxmask.modeling.sim.method import erode
+
+    m = torch.zeros(1, 7, 7, dtype=torch.bool)
+    m[0, 1:6, 1:6] = True
+    inner = torch.zeros(1, 7, 7, dtype=torch.bool)
+    inner[0, 2:5, 2:5] = True
+    assert torch.equal(erode(m, 1), inner) and int(erode(m, 2).sum()) == 1
+    moved = lambda sim, before: not torch.equal(sim.prototypes.protos, before["protos"])  # noqa: E731
+    sim, *_, before = _sim_step(synth_data)
+    assert moved(sim, before)
+    # an untrained teacher's M_I is nowhere near 0.99, and a 40-cell erosion leaves nothing: no update
+    for extra in (["sim.proto_confidence=0.99"], ["sim.proto_erode=40"]):
+        sim, *_, before = _sim_step(synth_data, extra)
+        assert not moved(sim, before), extra
+    # proto_from=switch_on: no update before the pseudo stage, an update once it is on
+    sim, *_, before = _sim_step(synth_data, ["sim.proto_from=switch_on"], pseudo_on=False)
+    assert not moved(sim, before)
+    sim, *_, before = _sim_step(synth_data, ["sim.proto_from=switch_on"], pseudo_on=True)
+    assert moved(sim, before)
+
+
+def test_student_aug_changes_only_the_students_view(synth_data, monkeypatch):
+    from boxmask.modeling.sim import method as sim_method
+
+    from .test_host_syncs import HostSyncs
+
+    monkeypatch.setattr(sim_method, "select_pixels_on_host", lambda device: False)
+    extra = ["sim.student_aug=true", "sim.teacher_backbone=ema"]
+    sim, model, batch, aux, *_ = _sim_step(synth_data, extra)
+    clean = _sim_step(synth_data, ["sim.teacher_backbone=ema"])
+    assert "student_images" in batch and not torch.equal(batch["student_images"], batch["images"])
+    assert torch.equal(batch["images"], clean[2]["images"])  # the teacher's and the colour terms' input
+    assert torch.equal(aux["color_sim"], clean[3]["color_sim"])
+    assert not torch.allclose(aux["out"]["mask_feats"], clean[3]["out"]["mask_feats"])  # the student saw the other view
+    for i, (h, w) in enumerate(batch["image_sizes"]):  # padding stays zero
+        assert int(batch["student_images"][i, :, h:].sum()) == 0 and int(batch["student_images"][i, :, :, w:].sum()) == 0
+    # a function of (seed, iteration): the same draw again, another one at the next iteration
+    again = sim.prepare_batch({**batch, "student_images": None}, 0, 0)["student_images"]
+    assert torch.equal(again, batch["student_images"])
+    assert not torch.equal(sim.prepare_batch(batch, 1, 0)["student_images"], again)
+    with HostSyncs() as syncs:
+        sim.prepare_batch(batch, 2, 0)
+    assert sum(syncs.calls.values()) == 0, syncs.calls
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["sim.student_aug=true", "sim.teacher_backbone=student"], "teacher_backbone=ema"),
+    (["sim.semantic_softmax=true"], "go together"),
+    (["sim.bg_prototypes=2"], "go together"),
+    (["sim.proto_from=later"], "proto_from"),
+    (["sim.proto_confidence=1.5"], "proto_confidence"),
+    (["sim.proto_erode=-1"], "proto_erode"),
+])
+def test_bad_ablation_switches_are_rejected(bad, match):
+    from boxmask.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/tiny.yaml", ["method=sim", *bad])
+
+
+def test_mask_supervised_objects_get_no_pseudo_or_feature_pairwise_loss(synth_data):
+    """Mixed supervision: an object with a GT mask has its Dice (loss_mask) only; the pseudo loss and the
+    feature-similarity pairwise term act on the box-only objects."""
+    # every pixel of an untrained teacher's maps (about 0.5) is confident, foreground or background
+    extra = ["sim.pairwise_feat_sim=true", "sim.pairwise_feat_thresh=0.0", "sim.tau_low=0.9", "sim.tau_high_min=0.5",
+             "sim.tau_high_max=0.6"]
+    sim, model, batch, aux, losses, stats, _ = _sim_step(synth_data, extra, json="train_full.json", with_masks=True,
+                                                         has_mask=lambda k: k % 2 == 0)
+    has_mask = aux["has_mask"]
+    assert has_mask.any() and (~has_mask).any()
+    logits = aux["mask_logits"]
+    for name in ("loss_pseudo", "loss_pairwise"):
+        (grad,) = torch.autograd.grad(losses[name], logits, retain_graph=True)
+        per_inst = grad.abs().flatten(1).sum(1)
+        assert torch.all(per_inst[has_mask] == 0), name
+        assert per_inst[~has_mask].sum() > 0, name
+    (grad,) = torch.autograd.grad(losses["loss_mask"], logits, retain_graph=True)
+    assert torch.all(grad.abs().flatten(1).sum(1)[~has_mask] == 0)
+    # the pseudo loss is the mean over the box-only instances, as in a batch of box-only objects
+    from boxmask.modeling.sim.pseudo_loss import pseudo_mask_loss
+
+    pm = sim.pseudo_masks(batch, aux)
+    per_inst = pseudo_mask_loss(logits[:, 0], pm["target"][pm["group"]], pm["weight"][pm["group"]])
+    assert float(losses["loss_pseudo"].detach()) == pytest.approx(float(per_inst[~has_mask].mean().detach()), rel=1e-5)
+    # training statistics against the GT of the mask-supervised objects
+    for k in ("gt_pseudo_fg_precision", "gt_pseudo_fg_recall", "gt_pseudo_bg_precision", "gt_pseudo_bg_recall"):
+        assert 0.0 <= float(stats[k]) <= 1.0, k
+    for k in ("gt_m_s_gap", "gt_m_i_gap", "gt_fused_gap"):
+        assert -1.0 <= float(stats[k]) <= 1.0, k
+    assert float(stats["pseudo_fg"] + stats["pseudo_bg"] + stats["pseudo_ignored"]) == pytest.approx(1.0)

@@ -24,7 +24,7 @@ from ..evaluation.coco_eval import format_table
 from ..evaluation.diagnostics import ap_gap_warning, degenerate_warning, fill_and_spill_from_logits, short_run_warning, spill_warning
 from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_dataset, score
 from ..modeling.condinst import CondInst
-from ..modeling.criterion import pseudo_weight, total_loss
+from ..modeling.criterion import sim_switched_on, total_loss
 from ..modeling.sim.method import SIM
 from ..atomic_io import atomic_write_text
 from ..visualize import grid
@@ -545,14 +545,14 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             g["lr"] = s.lr * g["lr_mult"] * lr_factor(cfg, it)
         batch = batch_to(batch, device)
         if sim is not None:
-            batch = sim.copy_paste(batch, it, cfg.seed)
+            batch = sim.prepare_batch(batch, it, cfg.seed)
             if viz_left > 0 and main and "region_masks_padded" in batch:
                 viz_left -= save_paste_pictures(batch, run_dir / "paste_viz", it, train_set.class_names, viz_left)
         stats: dict = {}
         with autocast:
             losses, aux = runner(batch, return_aux=True)
             if sim is not None:
-                extra, stats = sim.losses(batch, aux, pseudo_on=pseudo_weight(cfg, it) > 0)
+                extra, stats = sim.losses(batch, aux, pseudo_on=sim_switched_on(cfg, it))
                 losses.update(extra)
         stats["box_fill"], stats["box_fill_over_95"], stats["box_spill"] = train_fill(aux, cfg.model.mask_out_stride)
         if cfg.tb_image_period and it % cfg.tb_image_period == 0:
@@ -588,7 +588,7 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             sim.after_step(model)
         it += 1
         for k, v in list(losses.items()) + list(stats.items()):
-            if k.startswith("box_"):  # NaN without instances: average over the steps that had some
+            if k in stats:  # NaN where nothing was measured (no instances...): average over the steps that had some
                 ok = torch.isfinite(v)
                 sums[k] = sums.get(k, 0.0) + torch.where(ok, v, torch.zeros_like(v))
                 sums[k + "#n"] = sums.get(k + "#n", 0.0) + ok.float()
@@ -600,9 +600,9 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
         if it % cfg.log_period == 0 or it == s.max_iters:
             now = time.perf_counter()
             sums = ddp.mean_over_ranks(sums)  # logged values: the mean over the ranks
-            rec = {k: float(v) / count for k, v in sums.items() if not k.startswith("box_")}
-            for k in ("box_fill", "box_fill_over_95", "box_spill"):
-                n = float(sums.get(k + "#n", 0.0))
+            rec = {k: float(v) / count for k, v in sums.items() if not k.endswith("#n") and k + "#n" not in sums}
+            for k in [k[:-2] for k in sums if k.endswith("#n")]:
+                n = float(sums[k + "#n"])
                 rec[k] = float(sums[k]) / n if n > 0 else float("nan")
             # One warning if the masks still spill outside or fill their boxes in two log windows after the
             # pairwise warm-up (a spilling mask fills its box too: spill is checked first).

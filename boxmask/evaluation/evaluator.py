@@ -64,22 +64,33 @@ def box_fill(results: list[dict]) -> tuple[float, float]:
 @torch.no_grad()
 def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, sim=None, progress: bool = True) -> dict:
     """Mean IoU against the GT masks of the masks made for each GT box, on the mask grid: the model's
-    (its positives' masks merged with the self-correction weights) and, for SIM, the pseudo mask M_hat."""
+    (its positives' masks merged with the self-correction weights) and, for SIM, the pseudo mask M_hat;
+    for SIM also ``sim_maps``, the diagnostics of its maps per split (``evaluation/sim_maps.py``). Where
+    annotations carry ``cases``, ``splits`` gives the mIoUs per case as well."""
     from ..data.batch import EvalDataset
     from ..modeling.condinst import gt_masks_on_grid
     from ..modeling.sim.self_correction import merge_per_object
+    from .sim_maps import SimMapStats, object_splits
 
     stride = cfg.model.mask_out_stride
     loader = DataLoader(EvalDataset(dataset, cfg.data.min_size_test, cfg.data.max_size, with_targets=True),
                         batch_size=4, collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility))
     was_training = model.training
     model.eval()
-    ious: dict[str, list[float]] = {"model": [], "pseudo": []}
-    num_gt = 0
+    ious: dict[str, dict[str, list[float]]] = {}  # split -> model / pseudo -> IoUs
+    num_gt: dict[str, int] = {}
+    maps = SimMapStats()
+    flagged = False
     try:
         for batch in tqdm(loader, desc="gt-box masks", disable=not progress, leave=False):
+            # the split names of each object, in target order (CocoDataset.load's: non-crowd annotations)
+            anns = [a for i in batch["image_ids"] for a in dataset.annotations[i] if not a.get("iscrowd", 0)]
+            splits, has_cases = object_splits(anns)
+            flagged = flagged or has_cases
+            for names in splits:
+                for name in names:
+                    num_gt[name] = num_gt.get(name, 0) + 1
             batch = batch_to(batch, device)
-            num_gt += sum(len(t["boxes"]) for t in batch["targets"])
             # the GT masks are what the masks are measured against: the model and SIM see boxes only
             no_masks = boxes_only(batch)
             _, aux = model.forward_train(no_masks, return_aux=True)
@@ -88,20 +99,41 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
                 continue
             h, w = aux["mask_logits"].shape[-2:]
             gt = gt_masks_on_grid(batch, stride, (h, w)).bool()
+            pseudo = None
             if sim is not None:
                 pm = sim.pseudo_masks(no_masks, aux)
                 covered = pm["has_pos"]  # the objects with positives (the others have no masks)
                 groups, student = pm["groups"][covered], pm["student"][covered]
-                ious["pseudo"].extend(_iou(pm["target"][covered] > 0, gt[groups]).tolist())
+                pseudo = _iou(pm["target"][covered] > 0, gt[groups]).tolist()
+                maps.add([splits[g] for g in groups.tolist()],
+                         {"m_s": None if pm["m_s"] is None else pm["m_s"][covered], "m_i": pm["m_i"][covered],
+                          "fused": pm["fused"][covered]},
+                         pm["target"][covered], pm["weight"][covered], pm["box"][covered], gt[groups])
             else:
                 groups, _, _, student = merge_per_object(inst, aux["mask_logits"].float().sigmoid()[:, 0],
                                                          cfg.sim.mu, cfg.sim.weighting)
-            ious["model"].extend(_iou(student > cfg.model.mask_thresh, gt[groups]).tolist())
+            model_iou = _iou(student > cfg.model.mask_thresh, gt[groups]).tolist()
+            for k, g in enumerate(groups.tolist()):
+                for name in splits[g]:
+                    rec = ious.setdefault(name, {"model": [], "pseudo": []})
+                    rec["model"].append(model_iou[k])
+                    if pseudo is not None:
+                        rec["pseudo"].append(pseudo[k])
     finally:
         model.train(was_training)
-    out = {"num_gt": num_gt, "covered": len(ious["model"]), "model_mIoU": _mean(ious["model"])}
+
+    def quality(name: str) -> dict:
+        rec = ious.get(name, {"model": [], "pseudo": []})
+        q = {"num_gt": num_gt.get(name, 0), "covered": len(rec["model"]), "model_mIoU": _mean(rec["model"])}
+        if sim is not None:
+            q["pseudo_mIoU"] = _mean(rec["pseudo"])
+        return q
+
+    out = quality("all")
+    if flagged:
+        out["splits"] = {name: quality(name) for name in num_gt if name != "all"}
     if sim is not None:
-        out["pseudo_mIoU"] = _mean(ious["pseudo"])
+        out["sim_maps"] = maps.summary()
     return out
 
 

@@ -127,7 +127,8 @@ class CondInst(nn.Module):
         colour similarities."""
         images = batch["images"]
         targets = batch["targets"]
-        out = self.head_outputs(images)
+        # SIM's student_aug: the student sees an augmented view; the colour affinities keep the clean images
+        out = self.head_outputs(batch.get("student_images", images))
         tgt = self.assign_targets(out, targets)
         bsz = images.shape[0]
         pos = tgt["labels"] >= 0

@@ -6,11 +6,18 @@ import torch
 from ..config import Config
 
 
+def sim_switched_on(cfg: Config, iteration: int) -> bool:
+    """Whether SIM's self-training stage has begun (past its warm-up, a fraction of the schedule): the
+    pseudo loss, the bank filling and (``sim.proto_from=switch_on``) the prototype updates, whatever
+    the pseudo loss's weight."""
+    return cfg.method == "sim" and iteration >= cfg.sim.warmup_frac * cfg.solver.max_iters
+
+
 def pseudo_weight(cfg: Config, iteration: int) -> float:
     """lambda1 after SIM's warm-up (a fraction of the schedule), with an optional linear ramp."""
-    start = cfg.sim.warmup_frac * cfg.solver.max_iters
-    if cfg.method != "sim" or iteration < start:
+    if not sim_switched_on(cfg, iteration):
         return 0.0
+    start = cfg.sim.warmup_frac * cfg.solver.max_iters
     ramp = cfg.sim.ramp_frac * cfg.solver.max_iters
     return cfg.sim.pseudo_weight * (min((iteration - start) / ramp, 1.0) if ramp > 0 else 1.0)
 

@@ -4,6 +4,9 @@ The student stays a plain CondInst (inference is unchanged); this module only ad
 the state that must survive a resume (teacher weights, prototypes)."""
 from __future__ import annotations
 
+import math
+import random
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -13,9 +16,10 @@ from torch.profiler import record_function
 from ...config import Config
 from .. import boxinst_loss
 from ..color import unfold_neighbours
-from ..condinst import CondInst, gt_masks_on_grid
+from ..condinst import CondInst, box_cells, gt_masks_on_grid
 from ..dynamic_mask_head import aligned_bilinear
 from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
+from .photometric import strong_photometric
 from .prototypes import Prototypes
 from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
 from .self_correction import merge_masks, merge_per_object
@@ -29,20 +33,42 @@ def select_pixels_on_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def erode(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Boolean masks [G, h, w] eroded by a (2 radius + 1)^2 square (the canvas edge does not erode)."""
+    k = 2 * radius + 1
+    return -F.max_pool2d(-masks.float()[:, None], k, stride=1, padding=radius)[:, 0] > 0.5
+
+
 class SIM(nn.Module):
     def __init__(self, cfg: Config, student: CondInst, num_classes: int):
         super().__init__()
         s = cfg.sim
         self.cfg = cfg
-        self.teacher = EMATeacher(student, s.ema_momentum, s.teacher_backbone)
+        self.teacher = EMATeacher(student, s.ema_momentum, s.teacher_backbone, s.ema_warmup)
         self.prototypes = Prototypes(num_classes, s.num_prototypes, cfg.model.mask_out_channels, s.proto_momentum,
-                                     s.sinkhorn_eps, s.sinkhorn_iters)
+                                     s.sinkhorn_eps, s.sinkhorn_iters, s.bg_prototypes)
         # always present (empty unless copy-paste is on) so every sim checkpoint has the same keys
         self.bank = MemoryBank(s.bank_length)
 
     @torch.no_grad()
     def after_step(self, student: nn.Module) -> None:
         self.teacher.update(student)
+
+    @torch.no_grad()
+    def prepare_batch(self, batch: dict, iteration: int, seed: int) -> dict:
+        """What a training step learns from: the batch after copy-paste and, with ``student_aug``, with a
+        strongly augmented copy of its images under ``student_images`` (what the student sees; ``images``
+        stay clean for the teacher and the colour affinities). A pure function of (seed, iteration, rank)."""
+        batch = self.copy_paste(batch, iteration, seed)
+        if self.cfg.sim.student_aug:
+            # a string seed is hashed (sha512), not Python's per-process hash: the same draw in every run
+            rng = random.Random(f"student_aug/{seed}/{iteration}/{_rank()}")
+            batch = {**batch, "student_images": strong_photometric(batch["images"], batch["image_sizes"], rng)}
+        return batch
 
     @torch.no_grad()
     def copy_paste(self, batch: dict, iteration: int, seed: int) -> dict:
@@ -52,8 +78,7 @@ class SIM(nn.Module):
         s = self.cfg.sim
         if not s.copy_paste or not self.bank.full():
             return batch
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        g = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1009 + rank)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1009 + _rank())
         if float(torch.rand((), generator=g)) >= s.paste_prob:
             return batch
         return paste_batch(batch, self.bank, g, s.paste_fraction, s.paste_min, s.paste_max,
@@ -84,24 +109,30 @@ class SIM(nn.Module):
         box = aux["object_box_masks"]  # the box, or what copy-paste left of it
         t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w))
         z_t = F.normalize(t_feats, dim=1)
-        m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau) if s.semantic else None
+        m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau, s.semantic_softmax) if s.semantic else None
         fused = fuse(m_s, m_i if s.self_correction else None, s.alpha if s.semantic else 1.0)
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
+        # the teacher's own maps, before mask-supervised objects take their GT (what the GT can measure)
+        out = {"teacher_m_i": m_i, "pseudo_target": target, "pseudo_weight": weight}
         g_has = aux.get("object_has_mask")
         if g_has is not None:
-            # a mask-supervised object's best mask is its GT mask: pseudo target, prototype pixels, bank
+            # a mask-supervised object's best mask is its GT mask: prototype pixels, bank (no pseudo loss)
             gt = gt_masks_on_grid(batch, self.cfg.model.mask_out_stride, (h, w)).float() * box
             sel = g_has[:, None, None]
             m_i, target, weight = torch.where(sel, gt, m_i), torch.where(sel, gt, target), torch.where(sel, box, weight)
+            out["gt"] = gt
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
-        return {"groups": groups, "group": group, "has_pos": has_pos, "image": g_img, "cls": g_cls, "box": box,
-                "m_i": m_i, "m_s": m_s, "fused": fused, "target": target, "weight": weight, "tau_high": tau_high,
-                "student": student, "teacher_feats": t_feats, "teacher_z": z_t}
+        out.update({"groups": groups, "group": group, "has_pos": has_pos, "image": g_img, "cls": g_cls, "box": box,
+                    "m_i": m_i, "m_s": m_s, "fused": fused, "target": target, "weight": weight, "tau_high": tau_high,
+                    "student": student, "teacher_feats": t_feats, "teacher_z": z_t})
+        return out
 
     def losses(self, batch: dict, aux: dict, pseudo_on: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """SIM's loss terms (unweighted) and a few statistics for the log; updates the prototypes."""
+        """SIM's loss terms (unweighted) and statistics for the log (NaN where there is nothing to measure);
+        updates the prototypes and fills the bank. ``pseudo_on``: the self-training stage has begun (past
+        ``warmup_frac``), whatever the pseudo loss's weight: with ``pseudo_weight=0`` copy-paste still runs."""
         s = self.cfg.sim
         logits = aux["mask_logits"]
         out: dict[str, torch.Tensor] = {}
@@ -110,28 +141,70 @@ class SIM(nn.Module):
             zero = logits.sum() * 0.0
             return ({"loss_pseudo": zero, "loss_paste": zero} if s.copy_paste else {"loss_pseudo": zero}), stats
         pm = self.pseudo_masks(batch, aux)
-        if pseudo_on:
+        out["loss_pseudo"] = logits.sum() * 0.0
+        if pseudo_on and s.pseudo_weight > 0:
             per_inst = pseudo_mask_loss(logits[:, 0], pm["target"][pm["group"]], pm["weight"][pm["group"]], s.pseudo_loss)
-            out["loss_pseudo"] = per_inst.mean()
-        else:
-            out["loss_pseudo"] = logits.sum() * 0.0
+            keep = self._pseudo_supervised(batch, aux)
+            out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         if s.pairwise_feat_sim:
             out["loss_pairwise"] = self._feature_pairwise(aux, pm["teacher_feats"])
-        if s.semantic:
+        if s.semantic and (pseudo_on or s.proto_from == "start"):
             with record_function("boxmask.sim.prototypes"):
-                self._update_prototypes(aux, pm)
+                self._update_prototypes(batch, aux, pm)
         if s.copy_paste:
             out["loss_paste"] = self._paste_loss(batch, aux)
             if pseudo_on:
                 with record_function("boxmask.sim.memory_bank"):
                     self._fill_bank(batch, aux, pm)
-        # fractions of in-box pixels of the objects with positives that are pseudo foreground / ignored
-        # (tensors: no host sync here)
-        w_obj = pm["has_pos"].float()[:, None, None]
-        in_box = (pm["box"] * w_obj).sum().clamp_min(1)
-        stats["pseudo_fg"] = (pm["target"] * w_obj).sum() / in_box
-        stats["pseudo_ignored"] = 1 - (pm["weight"] * w_obj).sum() / in_box
+        stats.update(self._statistics(aux, pm))
         return out, stats
+
+    @staticmethod
+    def _pseudo_supervised(batch: dict, aux: dict) -> torch.Tensor | None:
+        """Per instance, 1.0 where the pseudo loss applies: box-only objects that were not pasted (a
+        mask-supervised object has its GT Dice, a pasted one the paste loss). None: every instance."""
+        keep = None
+        if "has_mask" in aux:
+            keep = ~aux["has_mask"]
+        if "region_masks_padded" in batch:
+            pasted = torch.cat([t["pasted"] for t in batch["targets"]])[aux["inst"]["gt_global"]]
+            keep = ~pasted if keep is None else keep & ~pasted
+        return None if keep is None else keep.float()
+
+    @staticmethod
+    @torch.no_grad()
+    def _statistics(aux: dict, pm: dict) -> dict[str, torch.Tensor]:
+        """Tensors for the training log (no host sync): the shares of in-box pixels of the box-only objects
+        with positives that are pseudo foreground / background / ignored; with mask-supervised objects in
+        the batch, how the teacher's pseudo labels for them compare with their GT masks (``gt_*``: pooled
+        pixel precision and recall of pseudo foreground and background; mean map value on GT foreground
+        minus on GT background, for M_S, M_I and the fused map)."""
+        g_has = aux.get("object_has_mask")
+        box_only = pm["has_pos"] if g_has is None else pm["has_pos"] & ~g_has
+        w_obj = box_only.float()[:, None, None]
+        box = pm["box"] * w_obj
+        in_box = box.sum()
+        fg = (pm["target"] * w_obj).sum()
+        bg = (pm["weight"] * w_obj).sum() - fg
+        stats = {"pseudo_fg": fg / in_box.clamp_min(1), "pseudo_bg": bg / in_box.clamp_min(1),
+                 "pseudo_ignored": 1 - (fg + bg) / in_box.clamp_min(1)}
+        if g_has is None:
+            return stats
+        sel = (g_has & pm["has_pos"]).float()[:, None, None]
+        box = pm["box"] * sel
+        gt_fg = pm["gt"] * sel
+        gt_bg = box - gt_fg
+        p_fg = pm["pseudo_target"] * sel
+        p_bg = (pm["pseudo_weight"] - pm["pseudo_target"]) * sel
+        # 0 / 0 = NaN: nothing to measure in this batch (the log averages over the steps that had some)
+        stats["gt_pseudo_fg_precision"] = (p_fg * gt_fg).sum() / p_fg.sum()
+        stats["gt_pseudo_fg_recall"] = (p_fg * gt_fg).sum() / gt_fg.sum()
+        stats["gt_pseudo_bg_precision"] = (p_bg * gt_bg).sum() / p_bg.sum()
+        stats["gt_pseudo_bg_recall"] = (p_bg * gt_bg).sum() / gt_bg.sum()
+        for name, m in (("m_s", pm["m_s"]), ("m_i", pm["teacher_m_i"]), ("fused", pm["fused"])):
+            if m is not None:
+                stats[f"gt_{name}_gap"] = (m * gt_fg).sum() / gt_fg.sum() - (m * gt_bg).sum() / gt_bg.sum()
+        return stats
 
     def _paste_loss(self, batch: dict, aux: dict) -> torch.Tensor:
         """BCE + Dice of the pasted objects' masks against their (visible) paste masks; other objects: 0."""
@@ -155,7 +228,10 @@ class SIM(nn.Module):
         hp, wp = images.shape[-2:]
         probs = aligned_bilinear(pm["m_i"][:, None], self.cfg.model.mask_out_stride)[:, 0, :hp, :wp]
         if "region_masks_padded" in batch:  # pm holds every object of the batch, in target order
-            regions = torch.cat(batch["region_masks_padded"])
+            # a pasted object never goes back into the bank (it would be re-pasted again and again): empty
+            # mask, score 0; the objects underneath keep what is visible of them
+            pasted = torch.cat([t["pasted"] for t in batch["targets"]])
+            regions = torch.cat(batch["region_masks_padded"]) & ~pasted[:, None, None]
         else:
             regions = box_pixel_masks(aux["gt_boxes"], hp, wp)
         masks = (probs > s.fg_thresh) & regions
@@ -180,23 +256,31 @@ class SIM(nn.Module):
         (``f``: the teacher's mask features at mask resolution, not normalised)."""
         lc = self.cfg.loss
         logits = aux["mask_logits"]
+        box_masks = aux["box_masks"]
+        if "has_mask" in aux:  # mask-supervised objects keep their GT Dice only, as with the colour term
+            box_masks = box_masks * (~aux["has_mask"]).to(box_masks.dtype)[:, None, None]
         diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
         feat_sim = torch.exp(-torch.linalg.vector_norm(diff, dim=1))
         sim = aux["color_sim"] * feat_sim
         img = aux["inst"]["image"]
-        return boxinst_loss.pairwise_loss(logits, sim[img], aux["box_masks"], self.cfg.sim.pairwise_feat_thresh,
+        return boxinst_loss.pairwise_loss(logits, sim[img], box_masks, self.cfg.sim.pairwise_feat_thresh,
                                           lc.pairwise_size, lc.pairwise_dilation)
 
     @torch.no_grad()
-    def _update_prototypes(self, aux: dict, pm: dict) -> None:
-        """Per class: pixels of its objects (pseudo foreground, or teacher M_I > threshold), Sinkhorn on
-        teacher similarities, centroids of student features, EMA; then sync across ranks."""
+    def _update_prototypes(self, batch: dict, aux: dict, pm: dict) -> None:
+        """Per class: pixels of its objects (pseudo foreground, or teacher M_I > threshold; optionally only
+        confident M_I, eroded), Sinkhorn on teacher similarities, centroids of student features, EMA; the
+        background prototypes likewise from the pixels outside every box; then sync across ranks."""
         s = self.cfg.sim
         h, w = pm["box"].shape[-2:]
         if s.proto_pixels == "mi":
             sel = (pm["m_i"] > s.fg_thresh) & (pm["box"] > 0)
         else:
             sel = pm["target"] > 0
+        if s.proto_confidence > 0:
+            sel = sel & (pm["m_i"] > s.proto_confidence)
+        if s.proto_erode > 0:
+            sel = erode(sel, s.proto_erode)
         z_s = F.normalize(self._upsampled(aux["out"]["mask_feats"].detach().float(), (h, w)), dim=1)
         z_t = pm["teacher_z"]
         # all classes in one update
@@ -212,4 +296,27 @@ class SIM(nn.Module):
             scores = torch.einsum("gpd,gld->gpl", feats_t, self.prototypes.protos[pm["cls"]]).reshape(g * h * w, -1)
             classes, valid = pm["cls"][:, None].expand(g, h * w).reshape(-1), sel.reshape(-1)
         self.prototypes.update(scores, feats_s, classes, valid)
+        if self.prototypes.has_background:
+            bg = self._certain_background(batch, aux, (h, w))
+            bg_protos = self.prototypes.bg_protos
+            if select_pixels_on_host(bg.device):
+                b, ys, xs = torch.nonzero(bg, as_tuple=True)
+                self.prototypes.update_background(z_t[b, :, ys, xs] @ bg_protos.t(), z_s[b, :, ys, xs])
+            else:
+                d = z_s.shape[1]
+                self.prototypes.update_background(z_t.permute(0, 2, 3, 1).reshape(-1, d) @ bg_protos.t(),
+                                                  z_s.permute(0, 2, 3, 1).reshape(-1, d), bg.reshape(-1))
         self.prototypes.sync()
+
+    def _certain_background(self, batch: dict, aux: dict, hw: tuple[int, int]) -> torch.Tensor:
+        """[B, h, w] bool: the mask-grid cells of each image (not its padding) outside every box."""
+        stride = self.cfg.model.mask_out_stride
+        h, w = hw
+        images = batch["images"]
+        cells = box_cells(aux["gt_boxes"], h, w, stride).float()
+        covered = torch.zeros(images.shape[0], h, w, device=images.device).index_add_(0, aux["gt_image"], cells) > 0
+        inside = torch.zeros(images.shape[0], h, w, dtype=torch.bool, device=images.device)
+        for i, (ih, iw) in enumerate(batch["image_sizes"]):
+            # cells whose centre (j * stride + stride // 2 + 0.5, as box_cells) lies in the image
+            inside[i, : math.ceil((ih - stride // 2 - 0.5) / stride), : math.ceil((iw - stride // 2 - 0.5) / stride)] = True
+        return inside & ~covered

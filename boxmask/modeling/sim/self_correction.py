@@ -2,7 +2,17 @@
 from __future__ import annotations
 
 import torch
-from torchvision.ops import box_iou
+
+
+def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of each xyxy box with its partner: ``boxes1[i]`` vs ``boxes2[i]``, [N] (``box_iou`` would build
+    the N x N matrix of every pair)."""
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(dim=1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(dim=1)
+    return inter / (area1 + area2 - inter).clamp_min(1e-12)
 
 
 def positive_weights(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, group: torch.Tensor, num_groups: int,
@@ -14,7 +24,7 @@ def positive_weights(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, group: to
     if mode == "mean" or pred_boxes.shape[0] == 0:
         logits = torch.zeros(group.shape[0], device=group.device)
     else:
-        iou = box_iou(pred_boxes.float(), gt_boxes.float()).diagonal()
+        iou = paired_box_iou(pred_boxes.float(), gt_boxes.float())
         logits = mu * iou
     # softmax within groups: subtract each group's max for stability
     gmax = torch.full((num_groups,), -1e9, device=group.device).scatter_reduce(0, group, logits, "amax")
