@@ -40,7 +40,7 @@ def main() -> None:
         b = batches[i]
         with record_function("boxmask.copy_paste"):
             if sim is not None:
-                b = sim.copy_paste(b, i, 0)
+                b = sim.prepare_batch(b, i, 0)
         with record_function("boxmask.student_forward"):
             losses, aux = model.forward_train(b, return_aux=True)
         if sim is not None:

@@ -148,7 +148,7 @@ def child_train(a: dict) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         if sim is not None:
-            b = sim.copy_paste(b, i, 0)
+            b = sim.prepare_batch(b, i, 0)
         losses, aux = model.forward_train(b, return_aux=True)
         if sim is not None:
             losses.update(sim.losses(b, aux, pseudo_on=True)[0])

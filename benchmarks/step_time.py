@@ -70,7 +70,7 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = r["batches"][i]
         if sim is not None:
-            batch = sim.copy_paste(batch, i, 0)
+            batch = sim.prepare_batch(batch, i, 0)
             losses, aux = model.forward_train(batch, return_aux=True)
             losses.update(sim.losses(batch, aux, pseudo_on=True)[0])
         else:
