@@ -149,7 +149,6 @@ def _rle_of(mask):
         ([[1, 2, 3, 4, 5]], ["at least 3 points"]),
         ([[True, 2, 3, 4, 5, 6]], ["not a number"]),
         ([[2, 2, 10, 2, 10, "9"]], ["not a number"]),
-        ([], ["empty list"]),
         ([1, 2, 3, 4, 5, 6], ["polygon 0"]),
         ("mask.png", ["must be polygons"]),
     ],
@@ -160,6 +159,12 @@ def test_bad_polygons_are_refused_with_the_annotation_id(tmp_path, seg, words):
         CocoDataset(path, root)
     for w in ["annotation id 9 (image id 1)", "segmentation"] + words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_an_empty_segmentation_list_means_box_only(tmp_path):
+    path, root = _one(tmp_path, {"segmentation": []})
+    ds = CocoDataset(path, root)
+    assert ds.mask_counts() == (0, 1) and not ds.report.skipped
 
 
 def test_polygon_partly_outside_is_clipped_and_counted_or_refused(tmp_path):

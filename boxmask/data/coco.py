@@ -314,8 +314,10 @@ class CocoDataset:
                 self._fail("box outside image", f"{where}: box {_short(box)} lies partly outside the {W}x{H} image (clipping is off)")
                 continue
             seg = a.get("segmentation")
-            if "segmentation" in a and seg is None:
-                a = {k: v for k, v in a.items() if k != "segmentation"}  # null = box only
+            if "segmentation" in a and (seg is None or seg == []):
+                # null, or the empty list several exporters write for an object without a mask: box only
+                a = {k: v for k, v in a.items() if k != "segmentation"}
+                seg = None
             seg_clipped = False
             if seg is not None:
                 problem, seg_clipped = _segmentation_problem(seg, W, H, clip)
@@ -489,7 +491,7 @@ def _segmentation_problem(seg, width: int, height: int, clip: bool) -> tuple[str
     bounds with or silently decode to garbage is refused here, before it ever sees it."""
     if isinstance(seg, list):
         if not seg:
-            return "is an empty list (use null for an object with a box only)", False
+            return "is an empty list", False
         clipped = False
         for k, poly in enumerate(seg):
             if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0):
