@@ -162,14 +162,26 @@ def _export(args) -> int:
     import warnings
 
     from .engine.trainer import model_from_checkpoint
-    from .export import export_onnx
+    from .export import check_images, export_onnx
 
-    model, _ = model_from_checkpoint(args.checkpoint, "cpu")
+    if Path(args.onnx).is_dir():
+        raise ConfigError(f"--onnx {args.onnx} is a folder; give a file name such as {Path(args.onnx) / 'model.onnx'}")
+    model, state = model_from_checkpoint(args.checkpoint, "cpu")
+    from .predict import collect_images
+
+    images = check_images(model, collect_images(args.check_images) if args.check_images else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
-        path = export_onnx(model, args.onnx)
-    print(f"ONNX model written to {path}: input 'image' uint8 [1, 3, H, W]; outputs boxes, scores, labels, "
-          "masks (probabilities at the input size)")
+        path, parity = export_onnx(model, args.onnx, class_names=state["class_names"], cat_ids=state["cat_ids"],
+                                   check=images)
+    print("parity with PyTorch in onnxruntime:")
+    for line in parity:
+        print(f"  {line}")
+    d = model.cfg.data
+    print(f"ONNX model written to {path}: input 'image' uint8 RGB [1, 3, H, W] resized so that the shorter side is "
+          f"{d.min_size_test} (the longer at most {d.max_size}), optional 'score_thresh'; outputs boxes, scores, "
+          "labels (category ids), masks (probabilities at the input size); class names, category ids and this "
+          "contract are in the file's metadata")
     return 0
 
 
@@ -212,8 +224,11 @@ def _predict(args) -> int:
 
     device = resolve_device(args.device)
     model, state = model_from_checkpoint(args.checkpoint, device)
-    path = predict_images(model, state, args.inputs, args.out, device, args.score_thresh, progress=not args.no_progress)
-    print(f"overlays and {path.name} written to {args.out}")
+    path = predict_images(model, state, args.inputs, args.out, device, args.score_thresh, progress=not args.no_progress,
+                          draw_thresh=args.draw_thresh, ids_json=args.json)
+    n = len(json.loads(path.read_text()))
+    print(f"{n} detections with score >= {args.score_thresh} in {path}; pictures (score >= "
+          f"{max(args.draw_thresh, args.score_thresh)}) written to {args.out}")
     return 0
 
 
@@ -322,10 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="overlay pictures and a COCO results json for images or folders")
     pr.add_argument("checkpoint", help="a .pth file or a run folder")
-    pr.add_argument("inputs", nargs="+")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--score-thresh", type=float, default=0.3)
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("inputs", nargs="+", help="image files and folders of images (regular files only, not recursive)")
+    pr.add_argument("--out", required=True,
+                    help="output folder (outside the input folders): OUT/<stem>.png per image, <stem>_<ext>.png "
+                         "(then numbered) where stems repeat, and OUT/results.json")
+    pr.add_argument("--score-thresh", type=float, default=0.3,
+                    help="detections with at least this score go to results.json; 0 keeps every detection the "
+                         "model outputs, e.g. to compute COCO AP (default: %(default)s)")
+    pr.add_argument("--draw-thresh", type=float, default=0.5,
+                    help="detections with at least this score are drawn (default: %(default)s)")
+    pr.add_argument("--json", metavar="COCO.json",
+                    help="take image_id from this COCO json (matched by file name); default: the file order, from 1")
+    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     pr.set_defaults(func=_predict)
 
     pl = sub.add_parser("pseudo-label", help="a mask for every GT box of a COCO json (for any downstream model)", **fmt)
@@ -369,9 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "not trained on)")
     cv.set_defaults(func=_convert)
 
-    ex = sub.add_parser("export", help="the inference model as ONNX (dynamic image size)")
+    ex = sub.add_parser("export", help="the inference model as ONNX (dynamic image size), checked against PyTorch")
     ex.add_argument("checkpoint", help="a .pth file or a run folder")
-    ex.add_argument("--onnx", required=True, help="output .onnx file")
+    ex.add_argument("--onnx", required=True, help="output .onnx file (written only if the parity check passes)")
+    ex.add_argument("--check-images", nargs="+", metavar="IMAGE", default=None,
+                    help="images or folders for the parity check (default: a generated picture)")
     ex.set_defaults(func=_export)
 
     rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions", **fmt)

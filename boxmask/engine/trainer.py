@@ -438,14 +438,16 @@ def write_pictures(events: EventWriter, batch: dict, aux: dict, sim, cfg: Config
 
 def save_paste_pictures(batch: dict, folder: Path, iteration: int, class_names: list[str], limit: int) -> int:
     """Save up to ``limit`` copy-paste composites of ``batch``; returns how many were written."""
-    from ..visualize import save_png
+    from ..visualize import picture_path, save_png
 
     written = 0
     for i, t in enumerate(batch["targets"]):
         if written >= limit:
             break
         if bool(t["pasted"].any()):
-            save_png(folder / f"iter{iteration:07d}_img{batch['image_ids'][i]}.png", paste_picture(batch, i, class_names))
+            # image ids come from the dataset (strings allowed): made safe for a file name
+            path = picture_path(folder, f"iter{iteration:07d}", f"img{batch['image_ids'][i]}")
+            save_png(path, paste_picture(batch, i, class_names))
             written += 1
     return written
 

@@ -147,16 +147,16 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def save_worst_pictures(dataset: CocoDataset, results: list[dict], n: int, out_dir, score_thresh: float = 0.3) -> list:
+def save_worst_pictures(dataset: CocoDataset, results: list[dict], n: int, out_dir, score_thresh: float = 0.5) -> list:
     """The ``n`` images with the lowest mean mask IoU (GT objects vs their matched predictions), worst
-    first: GT masks on the left, predictions on the right. Returns the written paths."""
-    from pathlib import Path
-
+    first: GT masks on the left, predictions with score >= ``score_thresh`` on the right (duplicates
+    of one object shown once, as ``draw_instances`` does). Returns the written paths, named
+    ``RANK_image<ID>_maskIoU<X>.png`` with the id made safe by ``picture_path``."""
     from pycocotools import mask as mask_utils
 
     from ..data.coco import load_image
     from ..predict import readable
-    from ..visualize import draw_instances, save_png, side_by_side
+    from ..visualize import draw_instances, picture_path, save_png, side_by_side
     from .coco_eval import worst_images_first
 
     label = {c: i for i, c in enumerate(dataset.cat_ids)}
@@ -171,16 +171,18 @@ def save_worst_pictures(dataset: CocoDataset, results: list[dict], n: int, out_d
         gts = [a for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=[img_id])) if not a.get("iscrowd", 0)]
         preds = by_image.get(img_id, [])
         pics = []
-        for anns, masks in ((gts, [dataset.coco.annToMask(a) for a in gts]),
-                            (preds, [mask_utils.decode(r["segmentation"]) for r in preds])):
+        for anns, masks, is_gt in ((gts, [dataset.coco.annToMask(a) for a in gts], True),
+                                   (preds, [mask_utils.decode(r["segmentation"]) for r in preds], False)):
             boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                                   for a in anns], dtype=torch.float32).reshape(-1, 4)
             det = {"boxes": boxes, "labels": torch.tensor([label[a["category_id"]] for a in anns], dtype=torch.long),
                    "scores": torch.tensor([float(a.get("score", 1.0)) for a in anns]),
                    "masks": torch.from_numpy(np.stack(masks) > 0) if masks else torch.zeros(0, *image.shape[:2], dtype=torch.bool)}
             img, det = readable(image, det, 0.0)
-            pics.append(draw_instances(img, det, dataset.class_names, score_thresh=0.0))
-        path = Path(out_dir) / f"{rank:03d}_image{img_id}_maskIoU{miou:.2f}.png"
+            if is_gt:
+                det.pop("scores")  # ground truth: every object, names only, no de-duplication
+            pics.append(draw_instances(img, det, dataset.class_names, score_thresh=score_thresh))
+        path = picture_path(out_dir, f"{rank:03d}", f"image{img_id}", f"maskIoU{miou:.2f}")
         save_png(path, side_by_side(*pics))
         paths.append(path)
     return paths

@@ -240,8 +240,8 @@ class CondInst(nn.Module):
     @torch.no_grad()
     def inference(self, batch: dict, rle: bool = False) -> list[dict]:
         """Detections per image: boxes (original size), scores, labels and ``masks`` [N, oh, ow] bool; with
-        ``rle`` the masks come as ``rles`` (COCO compressed RLE), pasted and encoded one at a time so
-        memory stays bounded on huge images."""
+        ``rle`` the masks come as ``rles`` (COCO compressed RLE), pasted in chunks and encoded one at a
+        time so memory stays bounded on huge images."""
         m = self.cfg.model
         images = batch["images"]
         out = self.head_outputs(images)
@@ -275,8 +275,10 @@ class CondInst(nn.Module):
             scale = torch.tensor([ow / iw, oh / ih, ow / iw, oh / ih], device=boxes.device)
             det = {"boxes": boxes.float() * scale, "scores": sc.float(), "labels": labels}
             if rle:
-                det["rles"] = [encode_rle(paste_masks(logits[j : j + 1], m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)[0])
-                               for j in range(logits.shape[0])]
+                # pasted in chunks of about 2^24 output pixels: fast on small images, bounded on huge ones
+                step = max(1, (1 << 24) // max(oh * ow, 1))
+                det["rles"] = [encode_rle(mk) for j in range(0, logits.shape[0], step)
+                               for mk in paste_masks(logits[j : j + step], m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)]
             else:
                 det["masks"] = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
             results.append(det)
