@@ -217,11 +217,11 @@ def prediction_pictures(model, state, files: list[Path], device: str = "cpu") ->
 
     import torch
 
-    from .predict import predict_images
+    from .predict import picture_names, predict_images
 
     with tempfile.TemporaryDirectory() as tmp:
         predict_images(model, state, files, tmp, torch.device(device), progress=False)
-        return [(f.name, _png_uri((Path(tmp) / f"{f.stem}.png").read_bytes())) for f in files]
+        return [(f.name, _png_uri((Path(tmp) / name).read_bytes())) for f, name in zip(files, picture_names(files))]
 
 
 def _picture_source(run: Path, cfg: dict, json_arg, images_arg) -> tuple[Path | None, Path | None, str, list[str]]:
