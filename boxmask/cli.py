@@ -96,6 +96,11 @@ def _pseudo_label(args) -> int:
 
     if args.viz < 0:
         raise ConfigError(f"--viz must be >= 0, got {args.viz}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; name the json file to write, e.g. {out / 'train_masks.json'}")
+    if out.exists() and out.resolve() == Path(args.json).resolve():
+        raise ConfigError(f"--out {out} is the input json; write the pseudo labels to another file")
     device = resolve_device(args.device)
     model, state = model_from_checkpoint(args.checkpoint, device)
     dataset = CocoDataset(args.json, args.images)

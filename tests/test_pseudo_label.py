@@ -110,3 +110,16 @@ def test_a_short_run_gives_box_masks_that_are_flagged(short_run, synth_data, tmp
     assert main(["pseudo-label", str(short_run), "--json", str(synth_data / "train.json"), "--images",
                  str(synth_data / "images"), "--out", str(tmp_path / "m3.json"), "--viz", "-1"]) == 2
     assert not (tmp_path / "m3.json").exists()
+
+
+def test_pseudo_label_out_must_be_a_new_json_file(tmp_path, capsys):
+    from boxmask.cli import main
+
+    src = tmp_path / "in.json"
+    src.write_text("{}")
+    for out in (tmp_path, src):
+        assert main(["pseudo-label", str(tmp_path / "none.pth"), "--json", str(src), "--images", str(tmp_path),
+                     "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("boxmask: error: --out") and err.count("\n") == 1
+    assert src.read_text() == "{}"
