@@ -300,22 +300,25 @@ class CondInst(nn.Module):
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ih)
             keep = batched_nms(boxes, sc, labels, m.nms_thresh)[: m.detections_per_image]
             kept.append((loc_idx[keep], labels[keep], sc[keep], boxes[keep]))
-        # the mask head on the kept detections of the whole batch at once
+        # controller parameters of the whole batch's detections at once; the mask head image by image
+        # (its input, [N, D + 2, H/8, W/8], grows with the detections)
         loc_all = torch.cat([k[0] for k in kept])
         image_all = torch.cat([torch.full_like(k[0], i) for i, k in enumerate(kept)])
-        logits_all = None
         if loc_all.numel():
             with autocast:
                 mask_feats = mask_branch(feats[:3])
                 params = self._params_at(head["box_feats"], levels[loc_all], image_all, loc_all, level_sizes)
-                logits_all = self.mask_head(mask_feats, self.strides[0], params, image_all, locations[loc_all],
-                                            self.level_soi[levels[loc_all]], m.mask_out_stride).float()
         results = []
         first = 0
         for i, ((ih, iw), (oh, ow)) in enumerate(zip(batch["image_sizes"], batch["orig_sizes"])):
             loc_idx, labels, sc, boxes = kept[i]
-            logits = logits_all[first : first + len(loc_idx)] if logits_all is not None else boxes.new_zeros(0, 1, 1, 1)
-            first += len(loc_idx)
+            n = len(loc_idx)
+            logits = boxes.new_zeros(0, 1, 1, 1)
+            if n:
+                with autocast:
+                    logits = self.mask_head(mask_feats, self.strides[0], params[first : first + n], image_all[first : first + n],
+                                            locations[loc_idx], self.level_soi[levels[loc_idx]], m.mask_out_stride).float()
+            first += n
             scale = torch.tensor([ow / iw, oh / ih, ow / iw, oh / ih], device=boxes.device)
             det = {"boxes": boxes * scale, "scores": sc, "labels": labels}
             if rle:
