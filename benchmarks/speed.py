@@ -119,19 +119,22 @@ def child_inference(a: dict) -> dict:
     models = _inference_models(a, device)
     names = list(models)
     times: dict = {k: [] for k in names}
+    cpu: dict = {k: [] for k in names}
     counts: dict = {k: [] for k in names}
     with torch.no_grad():
         for i, img in enumerate(images):
             for k in range(len(names)):
                 name = names[(i + k) % len(names)]
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = models[name](img)
                 _sync(device)
                 if i >= 2:
                     times[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
                     counts[name].append(len(out["boxes"]))
-    res = {k: {"sec_per_image": sorted(v)[len(v) // 2], "detections": sum(counts[k]) / len(counts[k])} for k, v in times.items()}
+    res = {k: {"sec_per_image": sorted(v)[len(v) // 2], "cpu_sec_per_image": sorted(cpu[k])[len(v) // 2],
+               "detections": sum(counts[k]) / len(counts[k])} for k, v in times.items()}
     if len(a["models"]) == 1:
         res[names[0]]["peak_mb"] = _peak(device)
     return res
@@ -335,10 +338,13 @@ def main() -> None:
             for _ in range(args.repeats):
                 r = _child("inference", {**spec, "models": ["boxmask", "maskrcnn"], "bf16": bf16})
                 r["ratio"] = r["maskrcnn"]["sec_per_image"] / r["boxmask"]["sec_per_image"]
+                r["cpu_ratio"] = r["maskrcnn"]["cpu_sec_per_image"] / r["boxmask"]["cpu_sec_per_image"]
                 row["repeats"].append(r)
                 print(backbone, regime, r, flush=True)
             ratios = sorted(r["ratio"] for r in row["repeats"])
             row["ratio_median"] = ratios[len(ratios) // 2]
+            cpu_ratios = sorted(r["cpu_ratio"] for r in row["repeats"])
+            row["cpu_ratio_median"] = cpu_ratios[len(cpu_ratios) // 2]
             for model in ("boxmask", "maskrcnn"):  # peak memory: each model alone in a fresh process
                 row[f"{model}_peak_mb"] = _child("inference", {**spec, "images": 1, "models": [model]})[model]["peak_mb"]
             result["inference"][f"{backbone} {regime}"] = row
@@ -347,6 +353,11 @@ def main() -> None:
         result["bf16_agreement"] = _child("agreement", {**base, "checkpoint": ckpt, "json": js, "images": imgs,
                                                         "score": args.agreement_score})
         print("bf16 agreement", result["bf16_agreement"], flush=True)
+    if args.skip_train and previous.is_file():  # keep the last run's training tables
+        old = json.loads(previous.read_text())
+        for key in ("train", "train_vs_size", "train_vs_objects"):
+            result[key] = old.get(key, {})
+        result["train_threads"] = old.get("train_threads", old.get("threads"))
     if not args.skip_train:
         for name, (method, over) in TRAIN_VARIANTS.items():
             r = _child("train", {**base, "method": method, "overrides": over, "size": 128, "objects": 4, "steps": args.steps})
@@ -378,9 +389,12 @@ def to_markdown(r: dict, args) -> str:
                   f"({r.get('images', args.images)} timed images each, median), repeated in fresh processes; the ratio "
                   "is Mask R-CNN's time over boxmask's (fp32) in each repeat. Peak memory: each model alone in a fresh "
                   "process.", "",
+                  "CPU time (the process's, per image) is what a shared machine disturbs least; with one thread it "
+                  "is the time an idle core would take.", "",
                   "| backbone | regime | boxmask s / image | boxmask bf16 s / image | Mask R-CNN s / image | "
-                  "boxmask faster by (each repeat) | median | detections (boxmask / Mask R-CNN) | peak MB (boxmask / Mask R-CNN) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "boxmask faster by, wall (each repeat) | median | faster by, CPU time (each repeat) | median | "
+                  "detections (boxmask / Mask R-CNN) | peak MB (boxmask / Mask R-CNN) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, v in r["inference"].items():
             backbone, regime = key.split(" ")
             reps = v["repeats"]
@@ -390,12 +404,15 @@ def to_markdown(r: dict, args) -> str:
                 return f"{t[len(t) // 2]:.3f}" if t else "-"
 
             ratios = ", ".join(f"{x['ratio']:.2f}x" for x in reps)
+            cpu_ratios = ", ".join(f"{x['cpu_ratio']:.2f}x" for x in reps)
             lines.append(f"| {backbone} | {regime} | {med('boxmask')} | {med('boxmask bf16')} | {med('maskrcnn')} | "
-                         f"{ratios} | {v['ratio_median']:.2f}x | {reps[0]['boxmask']['detections']:.0f} / "
+                         f"{ratios} | {v['ratio_median']:.2f}x | {cpu_ratios} | {v['cpu_ratio_median']:.2f}x | "
+                         f"{reps[0]['boxmask']['detections']:.0f} / "
                          f"{reps[0]['maskrcnn']['detections']:.0f} | {v['boxmask_peak_mb']:.0f} / {v['maskrcnn_peak_mb']:.0f} |")
     a = r.get("bf16_agreement")
     if a:
-        lines += ["", f"## bf16 against fp32 inference (trained checkpoint {Path(a['checkpoint']).name}, {a['images']} images)", "",
+        lines += ["", f"## bf16 against fp32 inference (trained checkpoint {'/'.join(Path(a['checkpoint']).parts[-2:])}, "
+                  f"{a['images']} images)", "",
                   f"Each fp32 detection with score >= {a['score_thresh']} is matched to the bf16 detection of its class "
                   "with the highest box IoU (>= 0.5).", "",
                   "| s / image fp32 | s / image bf16 | fp32 detections | matched | mean mask IoU | min mask IoU | "
@@ -405,7 +422,7 @@ def to_markdown(r: dict, args) -> str:
                   f"{a['score_abs_diff_mean']:.4f} / {a['score_abs_diff_max']:.4f} | {a['box_abs_diff_max_px']:.2f} |"]
     if r["train"]:
         base = r["train"]["boxinst"]["sec_per_step"]
-        lines += ["", "## Training step (tiny preset, 8 images of 128 px, 4 objects each)", "",
+        lines += ["", f"## Training step (tiny preset, 8 images of 128 px, 4 objects each; {r.get('train_threads', r['threads'])} threads)", "",
                   "| method | s / step | vs boxinst | peak memory (MB) |", "|---|---|---|---|"]
         for k, v in r["train"].items():
             lines.append(f"| {k} | {v['sec_per_step']:.3f} | {v['sec_per_step'] / base:.2f}x | {v['peak_mb']:.0f} |")
