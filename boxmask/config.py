@@ -80,6 +80,8 @@ class ModelConfig:
     pre_nms_topk: int = 1000
     detections_per_image: int = 100
     mask_thresh: float = 0.5
+    # Inference (eval, predict) under bf16 autocast: faster on CPUs with AVX-512 bf16 or AMX and on GPUs.
+    infer_bf16: bool = False
 
 
 @dataclass

@@ -4,6 +4,7 @@ In training ``forward`` returns the unweighted loss terms selected by ``method``
 applied in ``criterion.py``); in eval it returns detections in original image coordinates."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -16,8 +17,9 @@ from torchvision.ops import batched_nms
 from ..config import Config
 from . import boxinst_loss
 from .backbone import Backbone
+from .bn_folding import FoldedCache
 from .color import color_similarity, rgb_to_lab
-from .dynamic_mask_head import DynamicMaskHead, aligned_bilinear
+from .dynamic_mask_head import DynamicMaskHead, aligned_bilinear, aligned_bilinear_above
 from .fcos import FCOSHead, fcos_losses, ltrb_to_boxes
 from .mask_branch import MaskBranch
 from .targets import assign_image, centerness_target, compute_locations, level_size_ranges, topk_per_gt
@@ -237,23 +239,51 @@ class CondInst(nn.Module):
         return color_similarity(lab, valid, self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation)
 
     # ------------------------------------------------------------------ inference
+    def inference_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The backbone and mask branch that inference runs: in eval mode, copies with every BatchNorm
+        folded into its convolution (the same outputs within float rounding, two passes over each
+        feature map fewer per norm), rebuilt whenever a weight changed; in training mode the modules
+        themselves (their BatchNorms use batch statistics)."""
+        if self.training:
+            return self.backbone, self.mask_branch
+        cache = self.__dict__.setdefault("_folded", FoldedCache())  # not a submodule: not in state_dict
+        backbone, mask_branch = cache.get(self.backbone, self.mask_branch)
+        return backbone, mask_branch
+
+    def inference_autocast(self, device: torch.device):
+        """bf16 autocast for inference with ``model.infer_bf16`` (CPUs with AVX-512 bf16 or AMX, and
+        GPUs); post-processing runs in float32 either way."""
+        if self.cfg.model.infer_bf16 and device.type in ("cpu", "cuda"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def inference(self, batch: dict, rle: bool = False) -> list[dict]:
         """Detections per image: boxes (original size), scores, labels and ``masks`` [N, oh, ow] bool; with
         ``rle`` the masks come as ``rles`` (COCO compressed RLE), pasted in chunks and encoded one at a
-        time so memory stays bounded on huge images."""
+        time so memory stays bounded on huge images.
+
+        The controller's parameters are computed at the kept detections only, and the mask branch
+        runs only when some image has a detection."""
         m = self.cfg.model
         images = batch["images"]
-        out = self.head_outputs(images)
-        locations, reg = out["locations"], out["reg"]
-        cls = out["cls"].sigmoid()
-        ctr = out["ctr"].sigmoid()
-        results = []
-        for i, ((ih, iw), (oh, ow)) in enumerate(zip(batch["image_sizes"], batch["orig_sizes"])):
+        backbone, mask_branch = self.inference_modules()
+        autocast = self.inference_autocast(images.device)
+        with autocast:
+            x = ((images.float() - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
+            feats = backbone(x)
+            head = self.head.forward_dense(feats)
+        locations, levels = self._locations(feats)
+        level_sizes = [t.shape[-2] * t.shape[-1] for t in feats]
+        reg = self._flatten(head["reg"]).float()
+        cls = self._flatten(head["cls"]).float().sigmoid()
+        ctr = self._flatten(head["ctr"])[..., 0].float().sigmoid()
+        kept = []
+        for i, (ih, iw) in enumerate(batch["image_sizes"]):
             scores = cls[i] * ctr[i][:, None]  # threshold with centerness, as CondInst
             cand_loc, cand_cls, cand_score = [], [], []
             start = 0
-            for n in out["level_sizes"]:
+            for n in level_sizes:
                 s = scores[start : start + n]
                 keep = torch.nonzero(s > m.score_thresh)
                 if keep.shape[0] > m.pre_nms_topk:
@@ -269,11 +299,29 @@ class CondInst(nn.Module):
             boxes = ltrb_to_boxes(locations[loc_idx], reg[i, loc_idx])
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, iw)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, ih)
-            keep = batched_nms(boxes.float(), sc.float(), labels, m.nms_thresh)[: m.detections_per_image]
-            loc_idx, labels, sc, boxes = loc_idx[keep], labels[keep], sc[keep], boxes[keep]
-            logits = self.instance_mask_logits(out, torch.full_like(loc_idx, i), loc_idx)
+            keep = batched_nms(boxes, sc, labels, m.nms_thresh)[: m.detections_per_image]
+            kept.append((loc_idx[keep], labels[keep], sc[keep], boxes[keep]))
+        # controller parameters of the whole batch's detections at once; the mask head image by image
+        # (its input, [N, D + 2, H/8, W/8], grows with the detections)
+        loc_all = torch.cat([k[0] for k in kept])
+        image_all = torch.cat([torch.full_like(k[0], i) for i, k in enumerate(kept)])
+        if loc_all.numel():
+            with autocast:
+                mask_feats = mask_branch(feats[:3])
+                params = self._params_at(head["box_feats"], levels[loc_all], image_all, loc_all, level_sizes)
+        results = []
+        first = 0
+        for i, ((ih, iw), (oh, ow)) in enumerate(zip(batch["image_sizes"], batch["orig_sizes"])):
+            loc_idx, labels, sc, boxes = kept[i]
+            n = len(loc_idx)
+            logits = boxes.new_zeros(0, 1, 1, 1)
+            if n:
+                with autocast:
+                    logits = self.mask_head(mask_feats, self.strides[0], params[first : first + n], image_all[first : first + n],
+                                            locations[loc_idx], self.level_soi[levels[loc_idx]], m.mask_out_stride).float()
+            first += n
             scale = torch.tensor([ow / iw, oh / ih, ow / iw, oh / ih], device=boxes.device)
-            det = {"boxes": boxes.float() * scale, "scores": sc.float(), "labels": labels}
+            det = {"boxes": boxes * scale, "scores": sc, "labels": labels}
             if rle:
                 # pasted in chunks of about 2^24 output pixels: fast on small images, bounded on huge ones
                 step = max(1, (1 << 24) // max(oh * ow, 1))
@@ -283,6 +331,23 @@ class CondInst(nn.Module):
                 det["masks"] = paste_masks(logits, m.mask_out_stride, (ih, iw), (oh, ow), m.mask_thresh)
             results.append(det)
         return results
+
+    def _params_at(self, box_feats: list[torch.Tensor], level: torch.Tensor, image_idx: torch.Tensor,
+                   loc_idx: torch.Tensor, level_sizes: list[int]) -> torch.Tensor:
+        """Controller parameters [N, P] of the instances at flat locations ``loc_idx`` (of FPN ``level``)."""
+        params = None
+        start = 0
+        for lvl, (feat, n) in enumerate(zip(box_feats, level_sizes)):
+            sel = torch.nonzero(level == lvl)[:, 0]
+            if sel.numel():
+                idx = loc_idx[sel] - start
+                w = feat.shape[-1]
+                p = self.head.params_at(feat, image_idx[sel], idx // w, idx % w)
+                if params is None:
+                    params = p.new_empty(len(loc_idx), p.shape[1])
+                params[sel] = p
+            start += n
+        return params
 
 
 def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -337,4 +402,6 @@ def paste_masks(logits: torch.Tensor, stride: int, image_size: tuple[int, int], 
     """Stride-``stride`` mask logits -> boolean masks [N, oh, ow] at the original image size."""
     if logits.shape[0] == 0:
         return torch.zeros(0, *orig_size, dtype=torch.bool, device=logits.device)
+    if tuple(image_size) == tuple(orig_size):  # no resize: threshold before the upsampling's last step
+        return aligned_bilinear_above(logits.float().sigmoid(), stride, thresh, tuple(image_size))[:, 0]
     return paste_probs(logits.float().sigmoid()[:, 0], stride, image_size, orig_size) > thresh

@@ -20,6 +20,20 @@ def aligned_bilinear(x: torch.Tensor, factor: int) -> torch.Tensor:
     return x[:, :, : factor * h, : factor * w]
 
 
+def aligned_bilinear_above(x: torch.Tensor, factor: int, thresh: float, size: tuple[int, int]) -> torch.Tensor:
+    """``aligned_bilinear(x, factor)[..., :size[0], :size[1]] > thresh`` as a bool tensor, compared before
+    the final shift (a pure rearrangement of values), which then moves bytes instead of floats and
+    only the ``size`` rows and columns kept."""
+    if factor == 1:
+        return x[..., : size[0], : size[1]] > thresh
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    above = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True) > thresh
+    rows = (torch.arange(min(size[0], factor * h), device=x.device) - factor // 2).clamp(min=0)
+    cols = (torch.arange(min(size[1], factor * w), device=x.device) - factor // 2).clamp(min=0)
+    return above.index_select(-2, rows).index_select(-1, cols)
+
+
 class DynamicMaskHead(nn.Module):
     """Holds no weights of its own: it runs the MLP defined by each instance's generated params."""
 

@@ -80,6 +80,29 @@ class FCOSHead(nn.Module):
             out["ctr"].append(self.ctrness(b))
         return out
 
+    def forward_dense(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Inference: class, box and centerness outputs per level as ``forward``, and the box tower's
+        features ``box_feats`` in place of the controller's output, which ``params_at`` evaluates at the
+        few locations kept (at every location it costs about one more tower convolution)."""
+        out: dict[str, list[torch.Tensor]] = {"cls": [], "reg": [], "ctr": [], "box_feats": []}
+        for level, x in enumerate(feats):
+            b = self.box_tower(x)
+            out["box_feats"].append(b)
+            out["cls"].append(self.cls_logits(self.cls_tower(x)))
+            out["reg"].append(F.relu(self.scales[level](self.bbox_pred(b))) * self.strides[level])
+            out["ctr"].append(self.ctrness(b))
+        return out
+
+    def params_at(self, box_feats: torch.Tensor, image_idx: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """The controller's output [N, P] at rows ``ys`` and columns ``xs`` of images ``image_idx`` of one
+        level's box-tower features [B, C, h, w]: its 3x3 convolution evaluated at those locations only."""
+        w = self.controller.weight  # [P, C, 3, 3]
+        padded = F.pad(box_feats, (1, 1, 1, 1))  # the convolution's zero padding
+        dy, dx = torch.meshgrid(torch.arange(3, device=ys.device), torch.arange(3, device=ys.device), indexing="ij")
+        # [N, 9, C]: the 3x3 neighbourhood of each location (advanced indices first, then the channels)
+        patches = padded[image_idx[:, None], :, ys[:, None] + dy.reshape(1, -1), xs[:, None] + dx.reshape(1, -1)]
+        return F.linear(patches.flatten(1), w.permute(0, 2, 3, 1).flatten(1), self.controller.bias)
+
 
 def ltrb_to_boxes(locations: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
     x, y = locations[:, 0], locations[:, 1]
