@@ -139,7 +139,7 @@ def test_bank_survives_a_state_dict_round_trip():
 def test_bad_copy_paste_settings_are_rejected(bad):
     from boxmask.config import ConfigError
 
-    with pytest.raises(ConfigError, match="bank_length"):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
         _sim_cfg([bad])
 
 

@@ -54,14 +54,22 @@ def test_a_run_far_too_short_is_told_with_numbers():
     assert "(1)" not in gap and "(1)" in ap_gap_warning(m)
 
 
-def test_training_warns_about_spill_and_a_short_run(synth_data, tmp_path, caplog):
+def test_training_warns_about_spill_and_a_short_run(synth_data, tmp_path, caplog, monkeypatch):
+    import torch
+
+    import boxmask.engine.trainer as trainer_mod
+
+    # masks that cover the image, as a freshly initialised mask head often gives: spill, not "box-shaped"
+    def spilling(aux, stride):
+        return torch.tensor(0.97), torch.tensor(0.9), torch.tensor(6.0)
+
+    monkeypatch.setattr(trainer_mod, "train_fill", spilling)
     with caplog.at_level(logging.WARNING, logger="boxmask"):
         assert main(["train", "-c", "configs/tiny.yaml", *TINY, "--train-json", str(synth_data / "train.json"),
                      "--train-images", str(synth_data / "images"), "--out", str(tmp_path / "run"),
                      "--max-iters", "6", "--no-progress"]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith("6 iterations (~1 epochs of these 12 images) is far too short") for w in warnings)
-    # a freshly initialised mask head covers the image: spill, not "box-shaped"
     assert any("spill outside their boxes" in w for w in warnings)
     assert not any("box-shaped" in w for w in warnings)
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

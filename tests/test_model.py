@@ -1,4 +1,6 @@
 """Model parts: target assignment, top-k positives, dynamic head, backbone weights, inference format."""
+import hashlib
+
 import pytest
 import torch
 import torchvision
@@ -146,11 +148,23 @@ def test_torchvision_enum_weights_never_download(tmp_path):
         with pytest.raises(WeightsError) as e:
             Backbone(cfg.model)
         assert str(expected) in str(e.value) and "never downloads" in str(e.value)
-        # with the file in torchvision's cache, the standard enum API loads it
+        # a file under that name is loaded only if its sha256 starts with the prefix in the name
         ref = torchvision.models.mobilenet_v2(weights=None)
         expected.parent.mkdir(parents=True)
         torch.save(ref.state_dict(), expected)
-        bb = Backbone(cfg.model)
+        with pytest.raises(WeightsError, match="sha256"):
+            Backbone(cfg.model)
+        digest = hashlib.sha256(expected.read_bytes()).hexdigest()[:8]
+        named = expected.with_name(f"mobilenet_v2-{digest}.pth")
+        expected.rename(named)
+        import boxmask.modeling.backbone as backbone_mod
+
+        real = backbone_mod.torchvision_cache_file
+        backbone_mod.torchvision_cache_file = lambda name: named
+        try:
+            bb = Backbone(cfg.model)
+        finally:
+            backbone_mod.torchvision_cache_file = real
         assert torch.equal(bb.fpn.body["0"][0].weight, ref.features[0][0].weight)
     finally:
         torch.hub.set_dir(old)
