@@ -216,6 +216,8 @@ class Config:
     # Dotted keys the user gave on the command line (overrides and the flags that become overrides): the
     # batch scaling leaves them as typed. Not a field: it is not saved with the run's config.
     user_keys: ClassVar[frozenset[str]] = frozenset()
+    # The YAML file or preset the values came from ("" = the defaults alone); not saved either.
+    source: ClassVar[str] = ""
 
 
 METHODS = ("boxinst", "sim", "full")
@@ -467,6 +469,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(cfg, ov, touched)
     validate(cfg)
     cfg.user_keys = frozenset(touched)
+    cfg.source = str(path or "")
     return cfg
 
 

@@ -248,3 +248,15 @@ def test_a_read_only_run_folder_is_one_line(synth_data, tmp_path, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("boxmask: error: ") and "No space left" in last or "ermission" in last
     assert "Traceback" not in err and sum(l.startswith("boxmask: error") for l in err.splitlines()) == 1
+
+
+def test_resume_without_a_config_file_takes_everything_from_the_run(good_run, synth_data, tmp_path):
+    run = tmp_path / "plain"
+    run.mkdir()
+    for p in good_run.iterdir():
+        if p.is_file():
+            (run / p.name).write_bytes(p.read_bytes())
+    assert main(["train", "--out", str(run), "--resume", "--max-iters", "6", "--no-progress"]) == 0
+    state = load_checkpoint(run)
+    assert state["iteration"] == 6 and state["config"]["model"]["backbone"] == "resnet18"
+    assert state["config"]["data"]["train_json"] == str(synth_data / "train.json")

@@ -110,7 +110,7 @@ def saved_config(run_dir: Path, state: dict | None) -> dict:
 
 def resume_config(saved: dict, given: Config) -> tuple[Config, list[str], list[str]]:
     """The config a resumed run trains with: the run's saved one, with the keys of RESUME_MAY_CHANGE taken
-    from ``given`` (the command line's). Returns (config, changed, kept): one line per key the command line
+    from ``given`` (the command line's: everything when it came from a -c file, else the typed keys). Returns (config, changed, kept): one line per key the command line
     changed, and per differing key whose saved value was kept. A differing method, model or optimiser is
     a RunFolderError: those cannot continue a run."""
     try:
@@ -119,6 +119,9 @@ def resume_config(saved: dict, given: Config) -> tuple[Config, list[str], list[s
         raise RunFolderError(f"--resume: the run's saved config is invalid: {e}") from None
     old, new = _flat(to_dict(run_cfg)), _flat(to_dict(given))
     differ = [k for k in old if old[k] != new.get(k)]
+    if not given.source:
+        # no -c: the command line's other values are mere defaults; only what was typed can differ
+        differ = [k for k in differ if k in given.user_keys]
     refused = [k for k in differ if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_REFUSED)]
     if refused:
         details = ", ".join(f"{k}: run {old[k]!r}, command line {new[k]!r}" for k in refused[:4])
