@@ -125,3 +125,23 @@ def test_ablation_switches_keep_one_host_sync_per_step(synth_data, monkeypatch, 
         _, stats = sim.losses(batch, aux, pseudo_on=True)
     assert not syncs.calls, syncs.calls
     assert "gt_pseudo_fg_recall" in stats and "pseudo_bg" in stats
+
+
+def test_gt_box_quality_per_object_covers_every_object(synth_data):
+    import torch
+
+    from boxmask.config import load_config
+    from boxmask.data.coco import CocoDataset
+    from boxmask.engine.trainer import build_model
+    from boxmask.evaluation.evaluator import gt_box_mask_quality
+
+    cfg = load_config("configs/tiny.yaml", ["data.min_size_test=64", "model.fpn_channels=32",
+                                            "model.mask_branch_channels=32"])
+    ds = CocoDataset(synth_data / "val.json", synth_data / "images")
+    model = build_model(cfg, len(ds.cat_ids))
+    q = gt_box_mask_quality(model, ds, cfg, torch.device("cpu"), progress=False, per_object=True)
+    ids = {a["id"] for i in ds.image_ids for a in ds.annotations[i] if not a.get("iscrowd", 0)}
+    per = q["per_object"]["model"]
+    assert set(per) == ids and all(0.0 <= v <= 1.0 for v in per.values())
+    covered = [v for v in per.values()]
+    assert abs(sum(covered) / len(covered) - q["model_mIoU"] * q["covered"] / len(covered)) < 1e-6

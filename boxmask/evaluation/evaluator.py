@@ -62,11 +62,14 @@ def box_fill(results: list[dict]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, sim=None, progress: bool = True) -> dict:
+def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, sim=None, progress: bool = True,
+                        per_object: bool = False) -> dict:
     """Mean IoU against the GT masks of the masks made for each GT box, on the mask grid: the model's
     (its positives' masks merged with the self-correction weights) and, for SIM, the pseudo mask M_hat;
     for SIM also ``sim_maps``, the diagnostics of its maps per split (``evaluation/sim_maps.py``). Where
-    annotations carry ``cases``, ``splits`` gives the mIoUs per case as well."""
+    annotations carry ``cases``, ``splits`` gives the mIoUs per case as well. With ``per_object``,
+    ``per_object`` maps every non-crowd annotation id to its IoU ("model", and "pseudo" for SIM; 0 for an
+    object without a positive location, which gets no mask)."""
     from ..data.batch import EvalDataset
     from ..modeling.condinst import gt_masks_on_grid
     from ..modeling.sim.self_correction import merge_per_object
@@ -81,12 +84,17 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
     num_gt: dict[str, int] = {}
     maps = SimMapStats()
     flagged = False
+    by_id: dict[str, dict[int, float]] = {"model": {}, "pseudo": {}}
     try:
         for batch in tqdm(loader, desc="gt-box masks", disable=not progress, leave=False):
             # the split names of each object, in target order (CocoDataset.load's: non-crowd annotations)
             anns = [a for i in batch["image_ids"] for a in dataset.annotations[i] if not a.get("iscrowd", 0)]
             splits, has_cases = object_splits(anns)
             flagged = flagged or has_cases
+            for a in anns:
+                by_id["model"][a["id"]] = 0.0
+                if sim is not None:
+                    by_id["pseudo"][a["id"]] = 0.0
             for names in splits:
                 for name in names:
                     num_gt[name] = num_gt.get(name, 0) + 1
@@ -114,6 +122,9 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
                                                          cfg.sim.mu, cfg.sim.weighting)
             model_iou = _iou(student > cfg.model.mask_thresh, gt[groups]).tolist()
             for k, g in enumerate(groups.tolist()):
+                by_id["model"][anns[g]["id"]] = model_iou[k]
+                if pseudo is not None:
+                    by_id["pseudo"][anns[g]["id"]] = pseudo[k]
                 for name in splits[g]:
                     rec = ious.setdefault(name, {"model": [], "pseudo": []})
                     rec["model"].append(model_iou[k])
@@ -134,6 +145,8 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
         out["splits"] = {name: quality(name) for name in num_gt if name != "all"}
     if sim is not None:
         out["sim_maps"] = maps.summary()
+    if per_object:
+        out["per_object"] = by_id if sim is not None else {"model": by_id["model"]}
     return out
 
 
