@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-SPLITS = ("plain", "near_colour", "same_class_overlap")
+SPLITS = ("all", "plain", "near_colour", "same_class_overlap")
 # name -> (method, train json, overrides); ablation arms of SIM differ from `sim` in the keys listed
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "boxinst": ("boxinst", "train.json", []),
@@ -137,7 +137,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict:
     return {"seeds": seeds, "diffs": d, "mean": m, "sd": sd, "t": t}
 
 
-METRICS = (("mask_AP", "mask AP"), ("mask_IoU", "mask IoU (GT boxes)"), ("box_AP", "box AP"))
+METRICS = (("mask_AP", "mask AP"), ("mean_iou", "mask IoU of the masks made for the GT boxes"), ("box_AP", "box AP"))
 
 
 def summarise(scores: dict[str, dict[int, dict]], reference: str) -> dict:
@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--name", default="sim_paired")
     ap.add_argument("--summary-only", action="store_true", help="rebuild the tables from the runs already scored")
     ap.add_argument("--train-only", action="store_true", help="train the runs, score nothing")
+    ap.add_argument("--score-only", action="store_true", help="score the finished runs, train nothing")
     ap.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = ap.parse_args()
     arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
@@ -221,7 +222,12 @@ def main() -> None:
                 if res_path.is_file():
                     continue
                 out = ROOT / "work" / "runs" / f"{args.name}_{arm}_s{seed}"
-                wall = train_run(arm, seed, data, out, args)
+                if args.score_only:
+                    if not _finished(out, args.images_seen // args.batch):
+                        continue
+                    wall = 0.0
+                else:
+                    wall = train_run(arm, seed, data, out, args)
                 if args.train_only:
                     continue
                 res = {"arm": arm, "seed": seed, "overrides": ARMS[arm][2] + args.overrides, "wall_seconds": wall,
