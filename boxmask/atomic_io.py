@@ -20,9 +20,11 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], obje
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None  # say which file could not be written
         raise
 
 

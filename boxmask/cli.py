@@ -261,6 +261,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _fraction_arg(text: str) -> float:
+    """A probability or score threshold: a finite number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
+def _count_arg(text: str) -> int:
+    """A count of pictures: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def _device_arg(name: str) -> str:
     from .config import check_device
 
@@ -332,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps")
     e.add_argument("--skip-invalid", action="store_true", help="log and skip invalid images and annotations")
     e.add_argument("--bf16", action="store_true", help="bf16 inference (model.infer_bf16): faster on CPUs with AVX-512 bf16 or AMX")
-    e.add_argument("--viz", type=int, default=0, metavar="N",
+    e.add_argument("--viz", type=_count_arg, default=0, metavar="N",
                    help="save N images with GT and predicted masks side by side, worst mask IoU first")
     e.add_argument("--viz-out", help="folder for --viz pictures (default: eval_viz/ beside --out, or ./eval_viz)")
     e.set_defaults(func=_eval)
@@ -349,14 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True,
                     help="output folder (outside the input folders): OUT/<stem>.png per image, <stem>_<ext>.png "
                          "(then numbered) where stems repeat, and OUT/results.json")
-    pr.add_argument("--score-thresh", type=float, default=0.3,
+    pr.add_argument("--score-thresh", type=_fraction_arg, default=0.3,
                     help="detections with at least this score go to results.json; 0 keeps every detection the "
                          "model outputs, e.g. to compute COCO AP (default: %(default)s)")
-    pr.add_argument("--draw-thresh", type=float, default=0.5,
+    pr.add_argument("--draw-thresh", type=_fraction_arg, default=0.5,
                     help="detections with at least this score are drawn (default: %(default)s)")
     pr.add_argument("--json", metavar="COCO.json",
                     help="take image_id from this COCO json (matched by file name); default: the file order, from 1")
-    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    pr.add_argument("--device", default="auto", type=_device_arg, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     pr.add_argument("--bf16", action="store_true", help="bf16 inference (model.infer_bf16): faster on CPUs with AVX-512 bf16 or AMX")
     pr.set_defaults(func=_predict)
 
@@ -365,11 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", required=True, help="COCO json with the boxes")
     pl.add_argument("--images", required=True, help="folder of its images")
     pl.add_argument("--out", required=True, help="the same json with RLE masks added")
-    pl.add_argument("--mask-thresh", type=float, default=0.5, help="mask probability threshold (default 0.5)")
-    pl.add_argument("--min-quality", type=float, default=0.5,
+    pl.add_argument("--mask-thresh", type=_fraction_arg, default=0.5, help="mask probability threshold (default 0.5)")
+    pl.add_argument("--min-quality", type=_fraction_arg, default=0.5,
                     help="flag masks whose pseudo_quality (box fill, spill, projections, stability) is below this "
                          "(pseudo_low_quality; default 0.5)")
-    pl.add_argument("--viz", type=int, default=0, metavar="N",
+    pl.add_argument("--viz", type=_count_arg, default=0, metavar="N",
                     help="save N pictures of images with their pseudo masks and boxes, worst quality first")
     pl.add_argument("--viz-out", help="folder for --viz pictures (default: OUT_viz/ beside --out)")
     pl.add_argument("--device", default="auto", type=_device_arg, help="auto, cpu, cuda, cuda:N or mps")
@@ -411,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="one HTML page with a run's curves, metrics, config and predictions", **fmt)
     rp.add_argument("run", help="a run folder (finished or in progress)")
     rp.add_argument("--out", help="where to write the page (default: RUN/report.html)")
-    rp.add_argument("--pictures", type=int, default=4,
+    rp.add_argument("--pictures", type=_count_arg, default=4,
                     help="images to show with predictions (the run's validation images, else its training images; "
                          "default 4)")
     rp.add_argument("--json", help="show predictions on the first images of this COCO json instead")
@@ -474,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TrainingInterrupted as e:
         print(f"boxmask: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside the training loop (start-up, eval, predict): nothing half-written
+        print("\nboxmask: interrupted", file=sys.stderr)
         return 130
     except (ConfigError, DatasetError, CheckpointError, TrainingError, WeightsError, WeightsFileError) as e:
         print(f"boxmask: error: {e}", file=sys.stderr)

@@ -250,7 +250,7 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # someone gave you must not be able to ask for a model that fills the memory.
 RANGES: dict[str, str] = {
     "data.min_size_train": "> 0", "data.min_size_test": "> 0", "data.max_size": "> 0", "data.hflip": "[0, 1]",
-    "data.pixel_mean": "[0, 255]", "data.pixel_std": "> 0", "data.size_divisibility": ">= 0",
+    "data.pixel_mean": "[0, 255]", "data.pixel_std": "> 0", "data.size_divisibility": ">= 32",
     "data.num_workers": ">= 0",
     "model.freeze_at": "[0, 2]", "model.fpn_channels": "[1, 4096]", "model.head_convs": "[0, 32]", "model.num_classes": ">= 0",
     "model.fpn_strides": "> 0", "model.sizes_of_interest": "> 0", "model.center_sampling_radius": "> 0",
@@ -542,6 +542,10 @@ def validate(cfg: Config) -> None:
     if m.head_norm == "gn" and (m.fpn_channels % 4 or (m.fpn_channels > 128 and m.fpn_channels % 32)):
         raise ConfigError("config key 'model.fpn_channels' with head_norm=gn must be a multiple of 4 (of 32 above "
                           f"128), got {m.fpn_channels}")
+    if cfg.data.size_divisibility < 1 or cfg.data.size_divisibility % 32:
+        # the backbone's last stage has stride 32: padded sizes must divide by it for the FPN levels to align
+        raise ConfigError("config key 'data.size_divisibility' must be a multiple of 32 (the backbone's stride), "
+                          f"got {cfg.data.size_divisibility}")
     if cfg.loss.pairwise_size % 2 == 0:
         raise ConfigError(f"config key 'loss.pairwise_size' must be odd (a centred window), got "
                           f"{cfg.loss.pairwise_size}")

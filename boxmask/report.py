@@ -28,15 +28,9 @@ MIN_BOX_AP = 0.05
 
 
 def _records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written right now
-                continue
-    return out
+    from .engine.run_folder import metrics_lines
+
+    return [rec for _, rec in metrics_lines(run / "metrics.jsonl")]
 
 
 def _png_uri(data: bytes) -> str:
@@ -314,7 +308,12 @@ def build_report(run: str | Path, out: str | Path | None = None, pictures_n: int
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a boxmask run folder (no config.yaml)")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise FileNotFoundError(f"{run / 'config.yaml'} is not a readable boxmask config ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise FileNotFoundError(f"{run / 'config.yaml'} is not a boxmask config")
     records = _records(run)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]

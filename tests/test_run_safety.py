@@ -260,3 +260,59 @@ def test_resume_without_a_config_file_takes_everything_from_the_run(good_run, sy
     state = load_checkpoint(run)
     assert state["iteration"] == 6 and state["config"]["model"]["backbone"] == "resnet18"
     assert state["config"]["data"]["train_json"] == str(synth_data / "train.json")
+
+
+def test_damaged_metrics_and_fifos_in_a_run_folder(good_run, synth_data, tmp_path, capsys):
+    run = tmp_path / "damaged"
+    run.mkdir()
+    for p in good_run.iterdir():
+        if p.is_file():
+            (run / p.name).write_bytes(p.read_bytes())
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2, 3]\n{"iteration": "x"}\n\xff\xfe\x00 binary\n')
+    assert main(["report", str(run), "--pictures", "0"]) == 0
+    assert _train(synth_data, run, iters=6, resume=True) == 0  # the bad lines are dropped, not a traceback
+    assert all(isinstance(json.loads(l)["iteration"], int) for l in (run / "metrics.jsonl").read_text().splitlines())
+    # a FIFO where the pointer should be: never read (it would block), the checkpoints are scanned
+    (run / "last_checkpoint").unlink()
+    os.mkfifo(run / "last_checkpoint")
+    assert last_checkpoint(run) == run / "model_0000006.pth"
+    path, state, problems = load_latest_good(run)
+    assert state["iteration"] == 6 and "not a regular file" in problems[0]
+    capsys.readouterr()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(synth_data, tmp_path, capsys, monkeypatch):
+    import boxmask.engine.checkpoint as ckpt
+
+    def full(state, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    assert _train(synth_data, tmp_path / "full") == 2
+    err = capsys.readouterr().err
+    assert "cannot write checkpoint" in err and "model_0000002.pth" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["predict", "RUN", "IMG", "--out", "OUT", "--device", "foo"], "--device"),
+    (["predict", "RUN", "IMG", "--out", "OUT", "--score-thresh", "nan"], "--score-thresh"),
+    (["predict", "RUN", "IMG", "--out", "OUT", "--draw-thresh", "2"], "--draw-thresh"),
+    (["pseudo-label", "RUN", "--json", "J", "--images", "I", "--out", "O", "--mask-thresh", "-1"], "--mask-thresh"),
+    (["pseudo-label", "RUN", "--json", "J", "--images", "I", "--out", "O", "--min-quality", "nan"], "--min-quality"),
+    (["eval", "RUN", "--json", "J", "--images", "I", "--viz", "-3"], "--viz"),
+    (["report", "RUN", "--pictures", "-2"], "--pictures"),
+])
+def test_out_of_range_options_are_refused_by_the_parser(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_size_divisibility_must_suit_the_backbone():
+    from boxmask.config import ConfigError, load_config
+
+    for bad in ("0", "3", "48"):
+        with pytest.raises(ConfigError, match="data.size_divisibility"):
+            load_config("configs/tiny.yaml", [f"data.size_divisibility={bad}"])
+    assert load_config("configs/tiny.yaml", ["data.size_divisibility=64"]).data.size_divisibility == 64

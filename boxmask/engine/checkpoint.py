@@ -29,7 +29,11 @@ def save_checkpoint(run_dir: str | Path, name: str, state: dict[str, Any], keep:
     if not CHECKPOINT_NAME.fullmatch(name):
         raise CheckpointError(f"checkpoint name {name!r} is not of the form model_NNNNNNN.pth")
     path = run_dir / name
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the disk is full or not writable"
+        raise CheckpointError(f"cannot write checkpoint {path}: {why}; the previous checkpoint is kept") from None
     atomic_write_text(run_dir / "last_checkpoint", name + "\n")
     if keep > 0:
         # only this run's own checkpoints, oldest iteration first (names, not mtimes: a copied file keeps its age)
@@ -50,8 +54,10 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
 def _pointer_target(run_dir: Path) -> tuple[Path | None, str | None]:
     """The file ``last_checkpoint`` names, or (None, why not) for a missing, damaged or escaping pointer."""
     pointer = run_dir / "last_checkpoint"
-    if not pointer.exists():
+    if not pointer.exists() and not pointer.is_symlink():
         return None, None
+    if not pointer.is_file() or pointer.is_symlink():  # a FIFO would block the reader; a link may point anywhere
+        return None, f"{pointer} is not a regular file"
     try:
         raw = pointer.read_bytes()[:4096]
         name = raw.decode("utf-8").strip()

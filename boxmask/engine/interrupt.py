@@ -17,8 +17,11 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a data-loader worker inherited the handler: the main process speaks
+            return
         name = signal.Signals(signum).name
         if self.requested is not None:
             print(f"\nboxmask: {name} again: stopping at once; the last saved checkpoint is kept", file=sys.stderr,
@@ -29,6 +32,7 @@ class StopRequest:
               "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)

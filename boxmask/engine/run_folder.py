@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -84,6 +85,26 @@ class RunLock:
         self.release()
 
 
+def metrics_lines(path: str | Path) -> list[tuple[str, dict]]:
+    """(line, record) for every well-formed record of a ``metrics.jsonl``: a JSON object whose
+    ``iteration``, when present, is a number. Torn, foreign or undecodable lines are left out; anything but
+    a regular file (a FIFO, a folder) reads as empty, so it can never hang a reader."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+            rec = json.loads(line)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        it = rec.get("iteration", 0) if isinstance(rec, dict) else None
+        if isinstance(it, (int, float)) and not isinstance(it, bool):
+            out.append((line, rec))
+    return out
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for k, v in d.items():
@@ -99,6 +120,8 @@ def saved_config(run_dir: Path, state: dict | None) -> dict:
     if state is not None and isinstance(state.get("config"), dict):
         return state["config"]
     path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunFolderError(f"--resume: {path} is not a regular file")
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

@@ -17,9 +17,9 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, from_dict, scale_for_batch, to_dict, validate
+from ..config import Config, ConfigError, check_device, from_dict, scale_for_batch, to_dict, validate
 from ..data.batch import TrainDataset, TrainSampler, batch_to, collate
-from ..data.coco import CocoDataset
+from ..data.coco import CocoDataset, DatasetError
 from ..evaluation.coco_eval import format_table
 from ..evaluation.diagnostics import ap_gap_warning, degenerate_warning, fill_and_spill_from_logits, short_run_warning, spill_warning
 from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_dataset, score
@@ -32,7 +32,7 @@ from .events import EventWriter, paste_picture, prediction_pictures, sim_picture
 from . import distributed as ddp
 from .checkpoint import CheckpointError, load_checkpoint, load_latest_good, run_checkpoints, save_checkpoint
 from .interrupt import StopRequest
-from .run_folder import RunFolderError, RunLock, holds_run, resume_config, saved_config
+from .run_folder import RunFolderError, RunLock, holds_run, metrics_lines, resume_config, saved_config
 
 log = logging.getLogger("boxmask")
 
@@ -46,6 +46,7 @@ class TrainingInterrupted(TrainingError):
 
 
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -124,8 +125,8 @@ def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise CheckpointError(f"{where}: its weights do not fit its own config: {lines[0][:160]}") from None
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
+        raise CheckpointError(f"{where}: its weights do not fit its own config: {' '.join(lines[:2])[:240]}") from None
     model.to(device).eval()
     return model, state
 
@@ -283,7 +284,8 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
         progress = False
         logging.getLogger("boxmask").setLevel(logging.ERROR)  # rank 0 speaks for the run
     cfg, scaling = scale_for_batch(cfg, world)
-    notes = [scaling] if scaling else []
+    # a resumed run trains with its own (already scaled) config: the command line's scaling is not its news
+    notes = [scaling] if scaling and not resume else []
     state, existing, problems = None, None, []
     if resume:
         if run_checkpoints(run_dir) or (run_dir / "last_checkpoint").exists():
@@ -362,8 +364,12 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
                  cfg.method, len(train_set.cat_ids), train_set.class_names, device,
                  f", {world} processes x {cfg.solver.ims_per_batch} images" if world > 1 else "",
                  "resuming" if resume else "training", start_iter, cfg.solver.max_iters)
-        return _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir, progress,
-                     (state or {}).get("nonfinite_skipped", 0))
+        try:
+            return _loop(cfg, model, sim, optimizer, scaler, autocast, device, train_set, val_set, start_iter, run_dir,
+                         progress, (state or {}).get("nonfinite_skipped", 0))
+        except DatasetError as e:
+            raise DatasetError(f"{e} (found during training; `boxmask check` decodes every image first; {run_dir} "
+                               "keeps the run so far: fix the data, then continue with --resume)") from None
     finally:
         if handler is not None:
             logging.getLogger("boxmask").removeHandler(handler)
@@ -374,17 +380,10 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
     """Drop the records a killed run wrote after the checkpoint it resumes from (they are redone), so the
-    metrics of a resumed run equal an uninterrupted run's; a torn last line goes too."""
+    metrics of a resumed run equal an uninterrupted run's; a torn last line (or any malformed one) goes too."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("iteration", 0), (int, float)) and rec.get("iteration", 0) <= iteration:
-            keep.append(line)
+    keep = [line for line, rec in metrics_lines(path) if rec.get("iteration", 0) <= iteration]
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
