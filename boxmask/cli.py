@@ -95,8 +95,6 @@ def _pseudo_label(args) -> int:
     from .engine.trainer import check_categories, model_from_checkpoint, resolve_device
     from .pseudo_label import compare_with_gt, gt_comparison_line, pseudo_label, save_pictures, summary, write_pseudo_labels
 
-    if args.viz < 0:
-        raise ConfigError(f"--viz must be >= 0, got {args.viz}")
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; name the json file to write, e.g. {out / 'train_masks.json'}")
