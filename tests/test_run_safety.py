@@ -51,6 +51,13 @@ def good_run(synth_data, tmp_path_factory):
     return out
 
 
+def _copy_run(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
 
@@ -104,10 +111,7 @@ def test_the_pointer_never_leaves_its_run_folder(good_run, tmp_path):
 
 def test_damaged_or_missing_pointer_resume_scans_and_plain_train_refuses(good_run, synth_data, tmp_path, capsys):
     run = tmp_path / "run"
-    run.mkdir()
-    for p in good_run.iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    _copy_run(good_run, run)
     (run / "last_checkpoint").write_bytes(b"\x89PNG\x00\x00garbage")
     before = _snapshot(run)
     # a plain train into the folder refuses and changes nothing (no config, metrics or checkpoint touched)
@@ -173,10 +177,7 @@ def test_resume_uses_the_runs_own_config(synth_data, tmp_path, capsys, caplog):
 
 def test_resume_with_another_model_size_is_a_clear_error(good_run, synth_data, tmp_path, capsys):
     run = tmp_path / "other"
-    run.mkdir()
-    for p in good_run.iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    _copy_run(good_run, run)
     assert _train(synth_data, run, iters=6, resume=True, extra=["model.fpn_channels=16"]) == 2
     err = capsys.readouterr().err
     assert "model.fpn_channels" in err and "Traceback" not in err
@@ -252,10 +253,7 @@ def test_a_read_only_run_folder_is_one_line(synth_data, tmp_path, capsys):
 
 def test_resume_without_a_config_file_takes_everything_from_the_run(good_run, synth_data, tmp_path):
     run = tmp_path / "plain"
-    run.mkdir()
-    for p in good_run.iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    _copy_run(good_run, run)
     assert main(["train", "--out", str(run), "--resume", "--max-iters", "6", "--no-progress"]) == 0
     state = load_checkpoint(run)
     assert state["iteration"] == 6 and state["config"]["model"]["backbone"] == "resnet18"
@@ -264,10 +262,7 @@ def test_resume_without_a_config_file_takes_everything_from_the_run(good_run, sy
 
 def test_damaged_metrics_and_fifos_in_a_run_folder(good_run, synth_data, tmp_path, capsys):
     run = tmp_path / "damaged"
-    run.mkdir()
-    for p in good_run.iterdir():
-        if p.is_file():
-            (run / p.name).write_bytes(p.read_bytes())
+    _copy_run(good_run, run)
     with open(run / "metrics.jsonl", "ab") as f:
         f.write(b'[1, 2, 3]\n{"iteration": "x"}\n\xff\xfe\x00 binary\n')
     assert main(["report", str(run), "--pictures", "0"]) == 0

@@ -162,6 +162,17 @@ def _near_colour(rng: np.random.Generator, c: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- one image
 
 
+def _overlapping_pair(rng: np.random.Generator, smin: float, smax: float, w: int, h: int):
+    """Sizes and centres of two instances that overlap: (s1, s2, (cx1, cy1), (cx2, cy2)); the second
+    centre lies 0.35-0.7 mean sizes from the first, in a random direction."""
+    s1 = float(rng.uniform(smin, smax))
+    s2 = float(np.clip(s1 * rng.uniform(0.8, 1.2), smin, smax))
+    cx, cy = float(rng.uniform(0.25 * w, 0.75 * w)), float(rng.uniform(0.25 * h, 0.75 * h))
+    d = rng.uniform(0.35, 0.7) * (s1 + s2) / 2
+    phi = rng.uniform(0, 2 * np.pi)
+    return s1, s2, (cx, cy), (cx + d * np.cos(phi), cy + d * np.sin(phi))
+
+
 def _size_range(size: int) -> tuple[float, float]:
     # Objects span roughly 12-45 % of the image side; at least 8 px so they
     # survive the minimum-area filter on tiny images.
@@ -238,17 +249,13 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Rendered:
     # Hard case 2: two overlapping instances of the same class.
     if rng.random() < _P_SAME_CLASS:
         cls = int(rng.integers(len(CLASS_NAMES)))
-        s1 = float(rng.uniform(smin, smax))
-        s2 = float(np.clip(s1 * rng.uniform(0.8, 1.2), smin, smax))
-        cx, cy = centre(0.25)
-        d = rng.uniform(0.35, 0.7) * (s1 + s2) / 2
-        phi = rng.uniform(0, 2 * np.pi)
+        s1, s2, (cx, cy), (cx2, cy2) = _overlapping_pair(rng, smin, smax, w, h)
         col1 = fresh_colour()
         # Half the time the two instances also share (nearly) the same colour,
         # so nothing but shape separates them.
         col2 = _near_colour(rng, col1) if rng.random() < 0.5 else fresh_colour()
         a = add(cls, cx, cy, s1, col1)
-        b = add(cls, cx + d * np.cos(phi), cy + d * np.sin(phi), s2, col2)
+        b = add(cls, cx2, cy2, s2, col2)
         groups.append([a, b])
 
     # Hard case 1: an object bordering a nearly same-coloured region that is not it.
@@ -442,15 +449,11 @@ def _render_textured(rng: np.random.Generator, h: int, w: int) -> Rendered:
     n_total = int(rng.integers(1, 6))
     if rng.random() < _P_TEX_SAME_CLASS:
         cls = int(rng.integers(len(TEXTURED_CLASS_NAMES)))
-        s1 = float(rng.uniform(smin, smax))
-        s2 = float(np.clip(s1 * rng.uniform(0.8, 1.2), smin, smax))
-        cx, cy = centre(0.25)
-        d = rng.uniform(0.35, 0.7) * (s1 + s2) / 2
-        phi = rng.uniform(0, 2 * np.pi)
+        s1, s2, (cx, cy), (cx2, cy2) = _overlapping_pair(rng, smin, smax, w, h)
         pal1 = _object_palette(rng, cls)
         pal2 = _near_palette(rng, pal1) if rng.random() < 0.5 else _object_palette(rng, cls)
         a = add(cls, _blob_mask(rng, cx, cy, s1, h, w), pal1)
-        b = add(cls, _blob_mask(rng, cx + d * np.cos(phi), cy + d * np.sin(phi), s2, h, w), pal2)
+        b = add(cls, _blob_mask(rng, cx2, cy2, s2, h, w), pal2)
         groups.append([a, b])
 
     # Fillers where they overlap the others least.
