@@ -169,7 +169,9 @@ def to_markdown(summary: dict, meta: dict, reference: str) -> str:
              f"{meta['size']} px, data seed {meta['data_seed']}. Training seeds: {meta['seeds']} (the same for every arm). "
              "Splits are per object (the `cases` flag): AP with the other objects ignored, and the mean IoU of the "
              "masks the model makes for the GT boxes. Cells: mean ± sd over the seeds; Δ: the paired difference to "
-             f"`{reference}` (mean ± sd of the per-seed differences, t = mean / (sd / √n)).", ""]
+             f"`{reference}` (mean ± sd of the per-seed differences, t = mean / (sd / √n)). With one seed there is "
+             "no sd: such a table screens variants and proves nothing. s / iter is the wall time of these runs, "
+             "which may have shared the machine with other work: `step_time.py` compares methods' step times.", ""]
     for key, title in METRICS:
         lines += [f"## {title}", "", "| arm | " + " | ".join(SPLITS) + " | s / iter |",
                   "|---|" + "---|" * (len(SPLITS) + 1)]
