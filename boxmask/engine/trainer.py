@@ -108,6 +108,12 @@ def build_model(cfg: Config, num_classes: int) -> CondInst:
     return CondInst(cfg, num_classes).to(memory_format=torch.channels_last)
 
 
+def _error_text(e: Exception) -> str:
+    """A load_state_dict error on one line: its first two lines name the module and the keys or shapes."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    return " ".join(lines[:2])[:240]
+
+
 def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint file or a run folder."""
     state = load_checkpoint(path)
@@ -125,8 +131,7 @@ def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, ValueError, AttributeError) as e:
-        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
-        raise CheckpointError(f"{where}: its weights do not fit its own config: {' '.join(lines[:2])[:240]}") from None
+        raise CheckpointError(f"{where}: its weights do not fit its own config: {_error_text(e)}") from None
     model.to(device).eval()
     return model, state
 
@@ -139,8 +144,7 @@ def sim_from_checkpoint(model, state: dict, device: torch.device | str = "cpu") 
     try:
         sim.load_state_dict(state["sim"])
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        raise CheckpointError(f"the checkpoint's SIM state (teacher, prototypes, bank) does not fit: {lines[0][:160]}") from None
+        raise CheckpointError(f"the checkpoint's SIM state (teacher, prototypes, bank) does not fit: {_error_text(e)}") from None
     return sim.to(device).eval()
 
 
@@ -325,8 +329,7 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainingError(f"{existing} does not fit this model or optimiser: "
-                                f"{str(e).strip().splitlines()[0][:200]}") from None
+            raise TrainingError(f"{existing} does not fit this model or optimiser: {_error_text(e)}") from None
         if sim is not None:
             if "sim" not in state:
                 raise TrainingError(f"{existing} holds no SIM state (teacher, prototypes); it was not a sim run")
@@ -355,9 +358,7 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
                 raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
             if resume:
                 _truncate_metrics(run_dir / "metrics.jsonl", start_iter)
-            handler = _setup_logging(run_dir)
-            for note in notes:
-                log.debug("%s", note)  # into log.txt too
+            handler = _setup_logging(run_dir)  # the lines logged so far (notes, datasets) go into log.txt too
         if main and not resume:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log.info("%s: %d classes %s, device %s%s, %s from iteration %d to %d",
