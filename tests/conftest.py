@@ -1,3 +1,4 @@
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,20 @@ def rle(mask: np.ndarray) -> dict:
     r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     r["counts"] = r["counts"].decode("ascii")
     return r
+
+
+@contextlib.contextmanager
+def one_thread():
+    """CPU kernels on one thread reduce in a fixed order: two trainings (an original and a resumed one)
+    are then equal; with several threads they differ in the last digits from iteration 3 on."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_dataset(root: Path, images: list[dict], annotations: list[dict], categories=None, name="data.json") -> Path:

@@ -9,6 +9,8 @@ from PIL import Image
 from boxmask.cli import main
 from boxmask.engine.checkpoint import CheckpointError, load_checkpoint
 
+from .conftest import one_thread
+
 # device=cpu: the presets pick cuda when there is one, and the exact-resume checks need the CPU
 TINY = ["data.min_size_train=[64]", "data.min_size_test=64", "solver.ims_per_batch=2", "checkpoint_period=2",
         "log_period=1", "model.fpn_channels=32", "model.mask_branch_channels=32", "solver.warmup_iters=1",
@@ -28,7 +30,8 @@ def _train(synth_data, out, method="boxinst", iters=4, extra=(), resume=False):
 @pytest.fixture(scope="module")
 def run(synth_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "a"
-    assert _train(synth_data, out) == 0
+    with one_thread():  # test_resume_continues_exactly compares a resumed run with this one
+        assert _train(synth_data, out) == 0
     return out
 
 
@@ -51,7 +54,8 @@ def test_resume_continues_exactly(run, synth_data, tmp_path):
     shutil.copy(run / "model_0000002.pth", other / "model_0000002.pth")
     shutil.copy(run / "config.yaml", other / "config.yaml")
     (other / "last_checkpoint").write_text("model_0000002.pth\n")
-    assert _train(synth_data, other, resume=True) == 0
+    with one_thread():
+        assert _train(synth_data, other, resume=True) == 0
     a = load_checkpoint(run)
     b = load_checkpoint(other)
     assert b["iteration"] == 4

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from boxmask.cli import main
 from boxmask.config import load_config
 from boxmask.engine.checkpoint import load_checkpoint
+
+from .conftest import one_thread
 from boxmask.modeling.condinst import CondInst
 from boxmask.modeling.sim.prototypes import Prototypes
 from boxmask.modeling.sim.pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
@@ -194,7 +196,8 @@ def _train(synth_data, out, iters=4, resume=False):
 
 def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, capsys):
     a = tmp_path / "a"
-    assert _train(synth_data, a) == 0
+    with one_thread():  # the resumed run below must equal this one
+        assert _train(synth_data, a) == 0
     ckpt = load_checkpoint(a)
     assert "sim" in ckpt and any(k.startswith("prototypes.") for k in ckpt["sim"])
     assert not any(k.startswith("teacher") for k in ckpt["model"])  # the model is a plain CondInst
@@ -204,7 +207,8 @@ def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, caps
     b.mkdir()
     shutil.copy(a / "model_0000002.pth", b / "model_0000002.pth")
     (b / "last_checkpoint").write_text("model_0000002.pth\n")
-    assert _train(synth_data, b, resume=True) == 0
+    with one_thread():
+        assert _train(synth_data, b, resume=True) == 0
     ckpt_b = load_checkpoint(b)
     bank, bank_b = ckpt["sim"].pop("bank._extra_state"), ckpt_b["sim"].pop("bank._extra_state")
     assert ckpt["sim"].pop("teacher._extra_state") == ckpt_b["sim"].pop("teacher._extra_state") == {"num_updates": 4}
