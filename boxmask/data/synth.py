@@ -162,6 +162,14 @@ def _near_colour(rng: np.random.Generator, c: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- one image
 
 
+def _camera_finish(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The rendered float image as a photo: a slight blur gives soft, camera-like edges; mild noise breaks
+    flat regions."""
+    img = cv2.GaussianBlur(clean, (3, 3), 0.6)
+    img += rng.normal(0.0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
 def _overlapping_pair(rng: np.random.Generator, smin: float, smax: float, w: int, h: int):
     """Sizes and centres of two instances that overlap: (s1, s2, (cx1, cy1), (cx2, cy2)); the second
     centre lies 0.35-0.7 mean sizes from the first, in a random direction."""
@@ -328,11 +336,7 @@ def _render(rng: np.random.Generator, h: int, w: int) -> Rendered:
                     if HARD_SAME_CLASS_OVERLAP not in cases[k]:
                         cases[k].append(HARD_SAME_CLASS_OVERLAP)
 
-    # Slight blur gives soft, camera-like edges; mild noise breaks flat regions.
-    img = cv2.GaussianBlur(clean, (3, 3), 0.6)
-    img += rng.normal(0.0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
-    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    return img, [(objs[k].cls, owner == k, cases[k]) for k in kept]
+    return _camera_finish(clean, rng), [(objs[k].cls, owner == k, cases[k]) for k in kept]
 
 
 # --------------------------------------------------------------------------- textured images
@@ -552,10 +556,7 @@ def _render_textured(rng: np.random.Generator, h: int, w: int) -> Rendered:
                     if HARD_SAME_CLASS_OVERLAP not in cases[k]:
                         cases[k].append(HARD_SAME_CLASS_OVERLAP)
 
-    img = cv2.GaussianBlur(clean, (3, 3), 0.6)
-    img += rng.normal(0.0, rng.uniform(1.0, 2.5), img.shape).astype(np.float32)
-    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    return img, [(classes[k], owner == k, sorted(cases[k], key=HARD_CASES.index)) for k in kept]
+    return _camera_finish(clean, rng), [(classes[k], owner == k, sorted(cases[k], key=HARD_CASES.index)) for k in kept]
 
 
 # --------------------------------------------------------------------------- I/O
