@@ -46,7 +46,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-L3": ("sim", "train.json", ["sim.num_prototypes=3"]),
     "sim-bg": ("sim", "train.json", ["sim.bg_prototypes=4", "sim.semantic_softmax=true"]),
     "sim-hygiene": ("sim", "train.json", ["sim.proto_confidence=0.9", "sim.proto_erode=1", "sim.proto_from=switch_on"]),
-    "sim-student-aug": ("sim", "train.json", ["sim.student_aug=true"]),
+    "sim-student-aug": ("sim", "train.json", ["sim.student_aug=true", "sim.teacher_backbone=ema"]),
+    # every prototype remedy at once: background prototypes with the softmax map at a sharper temperature,
+    # prototype momentum warm-up, confident eroded pixels from switch-on
+    "sim-semantic": ("sim", "train.json", ["sim.bg_prototypes=4", "sim.semantic_softmax=true", "sim.tau=0.2",
+                                           "sim.proto_warmup=true", "sim.proto_confidence=0.9", "sim.proto_erode=1",
+                                           "sim.proto_from=switch_on"]),
 }
 
 

@@ -130,6 +130,9 @@ class SimConfig:
     # among the object's class prototypes / the background prototypes (both keys go together)
     bg_prototypes: int = 0
     semantic_softmax: bool = False
+    # a prototype's momentum warms up as min(proto_momentum, (1 + t) / (10 + t)) over its first t updates
+    # (false: the paper's constant momentum, under which a short run's prototypes stay near their random start)
+    proto_warmup: bool = False
     semantic: bool = True  # use the semantic map M_S (and update prototypes)
     self_correction: bool = True  # use the instance map M_I in the fusion
     weighting: str = "iou"  # iou = softmax(mu * IoU) over an object's positives (paper) | mean (code)

@@ -66,6 +66,31 @@ def test_prototype_ema_moves_by_one_minus_gamma():
     assert torch.allclose(protos.protos.norm(dim=-1), torch.ones(2, 3), atol=1e-6)
 
 
+def test_prototype_warmup_forgets_the_random_start():
+    c = F.normalize(torch.tensor([1.0, 2.0, 0.0, -1.0]), dim=0)
+    feats = c.repeat(8, 1)
+    classes = torch.zeros(8, dtype=torch.long)
+    warm, cold = Prototypes(1, 1, 4, momentum=0.999, warmup=True), Prototypes(1, 1, 4, momentum=0.999)
+    cold.protos.copy_(warm.protos)
+    start = warm.protos[0, 0].clone()
+    for proto in (warm, cold):
+        proto.update(feats @ proto.protos[0].t(), feats, classes)
+    # first update: momentum min(0.999, 1 / 10) = 0.1
+    assert torch.allclose(warm.protos[0, 0], F.normalize(0.1 * start + 0.9 * c, dim=0), atol=1e-6)
+    assert torch.allclose(cold.protos[0, 0], F.normalize(0.999 * start + 0.001 * c, dim=0), atol=1e-6)
+    assert warm.updates.tolist() == [1.0]
+    for _ in range(49):
+        warm.update(feats @ warm.protos[0].t(), feats, classes)
+    assert warm.updates.tolist() == [50.0] and float(warm.protos[0, 0] @ c) > 0.999
+    # a prototype that got no pixel keeps its count; checkpoints without the warm-up keep their keys
+    warm.update(feats @ warm.protos[0].t(), feats, classes, torch.zeros(8, dtype=torch.bool))
+    assert warm.updates.tolist() == [50.0]
+    assert "updates" not in cold.state_dict() and "bg_updates" not in Prototypes(1, 1, 4, num_background=2).state_dict()
+    bg = Prototypes(1, 1, 4, num_background=2, warmup=True)
+    bg.update_background(feats @ bg.bg_protos.t(), feats)
+    assert bg.bg_updates.sum().item() >= 1.0
+
+
 def test_prototype_update_of_several_classes_equals_one_class_at_a_time():
     g = torch.Generator().manual_seed(2)
     together = Prototypes(num_classes=3, num_prototypes=4, dim=8, momentum=0.5)
@@ -388,6 +413,15 @@ def test_background_prototypes_learn_from_pixels_outside_every_box(synth_data):
     for i, (ih, iw) in enumerate(batch["image_sizes"]):
         assert not bg[i, (ih + 3) // 4:].any() and not bg[i, :, (iw + 3) // 4:].any()  # nor in the padding
     assert bg.any()
+
+
+def test_prototype_warmup_in_a_training_step(synth_data):
+    sim, *_, before = _sim_step(synth_data, ["sim.proto_warmup=true", "sim.bg_prototypes=2", "sim.semantic_softmax=true"])
+    assert "updates" not in before or before["updates"].sum() == 0
+    assert sim.prototypes.updates.sum() > 0 and sim.prototypes.bg_updates.sum() > 0
+    # the first update of a prototype keeps only a tenth of its random start
+    moved = (sim.prototypes.protos - before["protos"]).norm(dim=-1).flatten()[sim.prototypes.updates > 0]
+    assert float(moved.min()) > 0.5
 
 
 def test_proto_confidence_erosion_and_switch_on(synth_data):

@@ -95,6 +95,7 @@ def test_training_log_carries_the_pseudo_label_statistics(synth_data, tmp_path):
 @pytest.mark.parametrize("extra", [
     ["sim.bg_prototypes=2", "sim.semantic_softmax=true"],
     ["sim.proto_confidence=0.4", "sim.proto_erode=1", "sim.proto_from=switch_on"],
+    ["sim.proto_warmup=true", "sim.bg_prototypes=2", "sim.semantic_softmax=true"],
     ["sim.student_aug=true", "sim.teacher_backbone=ema", "sim.pairwise_feat_sim=true"],
 ])
 def test_ablation_switches_keep_one_host_sync_per_step(synth_data, monkeypatch, extra):

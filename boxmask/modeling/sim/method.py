@@ -50,7 +50,7 @@ class SIM(nn.Module):
         self.cfg = cfg
         self.teacher = EMATeacher(student, s.ema_momentum, s.teacher_backbone, s.ema_warmup)
         self.prototypes = Prototypes(num_classes, s.num_prototypes, cfg.model.mask_out_channels, s.proto_momentum,
-                                     s.sinkhorn_eps, s.sinkhorn_iters, s.bg_prototypes)
+                                     s.sinkhorn_eps, s.sinkhorn_iters, s.bg_prototypes, s.proto_warmup)
         # always present (empty unless copy-paste is on) so every sim checkpoint has the same keys
         self.bank = MemoryBank(s.bank_length)
 
