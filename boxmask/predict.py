@@ -21,14 +21,13 @@ from tqdm import tqdm
 from .atomic_io import atomic_write_text
 from .config import ConfigError
 from .data.batch import batch_to, collate
-from .data.coco import DatasetError, load_image, read_json
+from .data.coco import IMAGE_SUFFIXES, DatasetError, load_image, read_json
 from .data.transforms import apply_transforms
 from .evaluation.coco_eval import detections_to_coco
 from .visualize import draw_instances, safe_file_name, save_png
 
 log = logging.getLogger("boxmask")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def collect_images(inputs: list[str | Path]) -> list[Path]:

@@ -139,6 +139,21 @@ def test_one_process_per_run_folder(synth_data, tmp_path, capsys):
     assert _train(synth_data, run) == 0  # the lock went with its holder
 
 
+def test_a_new_run_never_writes_into_its_data_or_a_folder_of_images(synth_data, tmp_path, capsys):
+    images = synth_data / "images"
+    before = sorted(p.name for p in images.iterdir())
+    for out in (images, images / "run"):
+        assert _train(synth_data, out) == 2
+        err = capsys.readouterr().err
+        assert "inside the image folder" in err and len(err.strip().splitlines()) == 1
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.JPG").write_bytes(b"not really")
+    assert _train(synth_data, photos) == 2
+    assert "holds images (cat.JPG)" in capsys.readouterr().err
+    assert sorted(p.name for p in images.iterdir()) == before and sorted(p.name for p in photos.iterdir()) == ["cat.JPG"]
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_zero(synth_data, tmp_path):
     run = tmp_path / "early"
     assert _train(synth_data, run, iters=3, extra=["checkpoint_period=100"]) == 0

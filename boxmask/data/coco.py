@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
+# the image files boxmask reads from a folder (predict, convert) and refuses to write a run among
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
 log = logging.getLogger(__name__)
 
 

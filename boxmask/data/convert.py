@@ -29,10 +29,9 @@ import yaml
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from .coco import DatasetError, _has_rotation, _is_int, read_json
+from .coco import IMAGE_SUFFIXES, DatasetError, _has_rotation, _is_int, read_json
 
 LABEL_KEY = '"label"'
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VOC_FLAGS = ("difficult", "truncated", "occluded")
 DATA_YAML_KEYS = {"path", "train", "val", "test", "nc", "names", "download"}
 CLIP_TOLERANCE = 1e-3  # pixels: float noise, clipped without being counted

@@ -41,6 +41,24 @@ def holds_run(run_dir: str | Path) -> bool:
     return any((run_dir / f).exists() for f in RUN_FILES) or bool(run_checkpoints(run_dir))
 
 
+def check_fresh_out(run_dir: str | Path, data_folders: list[str]) -> None:
+    """A new run's folder must not be (or lie inside) a data folder, nor a folder of images: its files
+    would mix with the data, and later runs or ``predict`` would read them as inputs."""
+    from ..data.coco import IMAGE_SUFFIXES
+
+    out = Path(run_dir).resolve()
+    for folder in data_folders:
+        if folder and Path(folder).is_dir():
+            d = Path(folder).resolve()
+            if out == d or d in out.parents:
+                raise RunFolderError(f"--out {run_dir} is inside the image folder {folder}; choose a folder outside the data")
+    if out.is_dir():
+        images = [f.name for f in out.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+        if images:
+            raise RunFolderError(f"--out {run_dir} holds images ({images[0]}{', ...' if len(images) > 1 else ''}); "
+                                 "a run needs a folder of its own")
+
+
 class RunLock:
     """An exclusive advisory lock on ``RUN/.lock`` (fcntl), held for the run's lifetime; the operating
     system releases it when the process ends, however it ends, so a killed run never leaves a stale lock."""

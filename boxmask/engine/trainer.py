@@ -32,7 +32,8 @@ from .events import EventWriter, paste_picture, prediction_pictures, sim_picture
 from . import distributed as ddp
 from .checkpoint import CheckpointError, load_checkpoint, load_latest_good, run_checkpoints, save_checkpoint
 from .interrupt import StopRequest
-from .run_folder import RunFolderError, RunLock, holds_run, metrics_lines, resume_config, saved_config
+from .run_folder import (RunFolderError, RunLock, check_fresh_out, holds_run, metrics_lines, resume_config,
+                         saved_config)
 
 log = logging.getLogger("boxmask")
 
@@ -279,6 +280,11 @@ def _train(cfg: Config, resume: bool, progress: bool, local_rank: int) -> dict:
         raise TrainingError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     if resume and not holds_run(run_dir):
         raise TrainingError(f"--resume: no run in {run_dir} (no checkpoint and no config.yaml)")
+    if not resume:
+        try:
+            check_fresh_out(run_dir, [cfg.data.train_images, cfg.data.val_images])
+        except RunFolderError as e:
+            raise TrainingError(str(e)) from None
     world, main = ddp.world_size(), ddp.is_main()
     ddp.barrier()  # every rank has looked at RUN/ before rank 0 writes into it
     device = resolve_device(cfg.device)
