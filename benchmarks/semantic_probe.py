@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=work / "textured_600_200_192_0")
     ap.add_argument("--protos", default="1,4", help="prototypes per class (and for the background)")
     ap.add_argument("--name", default="semantic_probe")
+    ap.add_argument("--results", type=Path, default=ROOT / "results", help="where NAME.json and NAME.md go")
     args = ap.parse_args()
     if not args.runs:
         ap.error("no runs: train them with sim_paired.py or pass --runs")
@@ -189,11 +190,11 @@ def main() -> None:
             for num in (int(n) for n in args.protos.split(",")):
                 results.setdefault(f"{space}/{num}", {})[run.name] = probe(objects, images, num_classes, space, num)
         print(f"{run.name}: done", flush=True)
-    (ROOT / "results").mkdir(exist_ok=True)
-    (ROOT / "results" / f"{args.name}.json").write_text(json.dumps(
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{args.name}.json").write_text(json.dumps(
         {"runs": [str(r) for r in args.runs], "data": str(args.data), "tau": TAU, "results": results}, indent=2))
     md = to_markdown(results, [r.name for r in args.runs])
-    (ROOT / "results" / f"{args.name}.md").write_text(md)
+    (args.results / f"{args.name}.md").write_text(md)
     print(md)
 
 
