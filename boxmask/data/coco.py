@@ -217,19 +217,27 @@ class CocoDataset:
         ids = sorted(names)
         return ids, [names[c] for c in ids]
 
+    def _new_id(self, entry, kind: str, seen: set):
+        """The ``id`` of an image or annotation entry, which must be a new integer or string (added to ``seen``)."""
+        if not isinstance(entry, dict) or "id" not in entry:
+            what = "image entry without 'id' or 'file_name'" if kind == "image" else "annotation without an 'id'"
+            raise DatasetError(f"{self.json_path}: {what}: {_short(entry)}")
+        i = entry["id"]
+        if not _is_id(i):
+            raise DatasetError(f"{self.json_path}: {kind} id must be an integer or a string, got {_short(i)}")
+        if i in seen:
+            raise DatasetError(f"{self.json_path}: duplicate {kind} id {_show(i)}")
+        seen.add(i)
+        return i
+
     def _validate(self, data: dict, clip: bool, check_images: bool, decode: bool, require_masks: bool):
         images: list[dict] = []
         seen: set = set()
         files: dict[str, object] = {}  # normalised file name -> image id
         for im in data["images"]:
-            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            if not isinstance(im, dict) or "file_name" not in im:
                 raise DatasetError(f"{self.json_path}: image entry without 'id' or 'file_name': {_short(im)}")
-            iid = im["id"]
-            if not _is_id(iid):
-                raise DatasetError(f"{self.json_path}: image id must be an integer or a string, got {_short(iid)}")
-            if iid in seen:
-                raise DatasetError(f"{self.json_path}: duplicate image id {_show(iid)}")
-            seen.add(iid)
+            iid = self._new_id(im, "image", seen)
             name = im["file_name"]
             if not isinstance(name, str) or not name or "\0" in name:
                 self._fail("bad image entry", f"image id {_show(iid)}: 'file_name' must be a non-empty string, got {_short(name)}")
@@ -269,14 +277,7 @@ class CocoDataset:
         anns: dict = {i: [] for i in valid_ids}
         ann_ids: set = set()
         for a in data["annotations"]:
-            if not isinstance(a, dict) or "id" not in a:
-                raise DatasetError(f"{self.json_path}: annotation without an 'id': {_short(a)}")
-            aid = a["id"]
-            if not _is_id(aid):
-                raise DatasetError(f"{self.json_path}: annotation id must be an integer or a string, got {_short(aid)}")
-            if aid in ann_ids:
-                raise DatasetError(f"{self.json_path}: duplicate annotation id {_show(aid)}")
-            ann_ids.add(aid)
+            aid = self._new_id(a, "annotation", ann_ids)
             iid = a.get("image_id")
             if not _is_id(iid) or iid not in seen:
                 self._fail("unknown image id", f"annotation id {_show(aid)}: unknown image_id {_short(iid)}")
