@@ -1,0 +1,34 @@
+"""benchmarks/capacity.py runs end to end at a tiny size (two capacities, two seeds), so it does not rot."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_capacity_benchmark_end_to_end(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "capacity.py"), "--capacities", "preset,deep", "--methods",
+           "boxinst", "--seeds", "0,1", "--images-seen", "8", "--batch", "2", "--points", "2", "--config",
+           "configs/tiny.yaml", "--num-train", "6", "--num-val", "3", "--size", "64", "--threads", "1",
+           "--work", str(tmp_path / "work"), "--results", str(tmp_path / "res"),
+           "data.min_size_train=[64]", "data.min_size_test=64", "model.fpn_channels=32", "model.mask_branch_channels=32",
+           "solver.warmup_iters=1", "solver.scale_to_batch=false", "log_period=1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "res" / "capacity.json").read_text())
+    assert set(out["curves"]) == {"preset", "deep"}
+    for by_method in out["curves"].values():
+        for curve in by_method["boxinst"].values():
+            assert [p["iteration"] for p in curve] == [2, 4]
+            assert curve[-1]["train_seconds"] >= curve[0]["train_seconds"] > 0
+    deep = out["summary"]["deep"]["boxinst"]["box_AP"]
+    assert deep["vs_preset"]["seeds"] == [0, 1] and len(deep["values"]) == 2
+    assert (tmp_path / "res" / "capacity.png").stat().st_size > 1000
+    assert "| deep | boxinst |" in (tmp_path / "res" / "capacity.md").read_text()
+    # a second call trains nothing and writes the same tables
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "== " not in again.stdout
