@@ -46,6 +46,9 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-L3": ("sim", "train.json", ["sim.num_prototypes=3"]),
     "sim-bg": ("sim", "train.json", ["sim.bg_prototypes=4", "sim.semantic_softmax=true"]),
     "sim-hygiene": ("sim", "train.json", ["sim.proto_confidence=0.9", "sim.proto_erode=1", "sim.proto_from=switch_on"]),
+    # a box pixel another object's confident instance map claims is background (same-class overlaps)
+    "sim-compete": ("sim", "train.json", ["sim.instance_competition=true"]),
+    "sim-alpha1-compete": ("sim", "train.json", ["sim.alpha=1.0", "sim.instance_competition=true"]),
     "sim-student-aug": ("sim", "train.json", ["sim.student_aug=true", "sim.teacher_backbone=ema"]),
     # every prototype remedy at once: background prototypes with the softmax map at a sharper temperature,
     # prototype momentum warm-up, confident eroded pixels from switch-on

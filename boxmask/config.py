@@ -135,6 +135,9 @@ class SimConfig:
     proto_warmup: bool = False
     semantic: bool = True  # use the semantic map M_S (and update prototypes)
     self_correction: bool = True  # use the instance map M_I in the fusion
+    # instance competition: a box pixel where another object of the image has the more confident instance
+    # map (its M_I > fg_thresh and above this object's) is background in this object's pseudo label
+    instance_competition: bool = False
     weighting: str = "iou"  # iou = softmax(mu * IoU) over an object's positives (paper) | mean (code)
     mu: float = 5.0
     alpha: float = 0.5  # fusion (1 - alpha) M_S + alpha M_I

@@ -22,7 +22,7 @@ from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
 from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
-from .self_correction import merge_masks, merge_per_object
+from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
 
@@ -114,6 +114,9 @@ class SIM(nn.Module):
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
+        if s.instance_competition:
+            claimed = claimed_by_rivals(m_i, box, g_img, batch["images"].shape[0], s.fg_thresh)
+            target, weight = target * ~claimed, torch.where(claimed, torch.ones_like(weight), weight)
         # the teacher's own maps, before mask-supervised objects take their GT (what the GT can measure)
         out = {"teacher_m_i": m_i, "pseudo_target": target, "pseudo_weight": weight}
         g_has = aux.get("object_has_mask")

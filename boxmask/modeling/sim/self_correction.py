@@ -53,3 +53,30 @@ def merge_per_object(inst: dict, probs: torch.Tensor, mu: float = 5.0, mode: str
     groups, group = torch.unique(inst["gt_global"], return_inverse=True)
     weights = positive_weights(inst["pred_box"], inst["box"], group, groups.numel(), mu, mode)
     return groups, group, weights, merge_masks(probs, weights, group, groups.numel())
+
+
+def rival_maps(maps: torch.Tensor, image: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Per object, the strongest map of the other objects of its image, pixel by pixel: [G, h, w] from
+    the in-box instance maps ``maps`` [G, h, w] and each object's image index ``image`` [G].
+
+    A per-image max and runner-up (O(G h w), not the G x G pairs): an object that holds the image's max
+    at a pixel sees the runner-up there, the others see the max."""
+    g, h, w = maps.shape
+    if g == 0:
+        return maps
+    idx = image.long()[:, None, None].expand(g, h, w)
+    first = maps.new_full((num_images, h, w), -1.0).scatter_reduce(0, idx, maps, "amax")
+    top = maps >= first[image.long()]
+    second = maps.new_full((num_images, h, w), -1.0).scatter_reduce(0, idx, torch.where(top, -1.0, maps), "amax")
+    rival = torch.where(top, second[image.long()], first[image.long()])
+    return rival.clamp_min(0.0)
+
+
+def claimed_by_rivals(own: torch.Tensor, box: torch.Tensor, image: torch.Tensor, num_images: int,
+                      confident: float) -> torch.Tensor:
+    """Pixels of each object's box that another object of the image claims: that object's in-box instance
+    map is confident there (> ``confident``) and above this object's. The pseudo label makes them
+    background, which separates touching instances that colour and class cannot (same-class overlaps)."""
+    inbox = own * (box > 0)
+    rival = rival_maps(inbox, image, num_images)
+    return (rival > confident) & (rival > own) & (box > 0)
