@@ -30,31 +30,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 SPLITS = ("all", "plain", "near_colour", "same_class_overlap")
-# name -> (method, train json, overrides); ablation arms of SIM differ from `sim` in the keys listed
+# The paper's formulation (the semantic map in the pseudo label, no instance competition): `sim` before the
+# screening below made instance competition without the semantic map its default.
+PAPER = ["sim.semantic=true", "sim.instance_competition=false"]
+# name -> (method, train json, overrides); ablation arms of the paper's SIM differ from `sim-paper` in the
+# keys after PAPER
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "boxinst": ("boxinst", "train.json", []),
     "full": ("full", "train_full.json", []),
-    "sim": ("sim", "train.json", []),
-    "sim-paper": ("sim", "train.json", ["sim.bg_prototypes=0", "sim.semantic_softmax=false", "sim.proto_confidence=0",
-                                        "sim.proto_erode=0", "sim.proto_from=start", "sim.student_aug=false"]),
-    "sim-alpha1": ("sim", "train.json", ["sim.alpha=1.0"]),
-    "sim-paste-only": ("sim", "train.json", ["sim.pseudo_weight=0"]),
-    "sim-no-paste": ("sim", "train.json", ["sim.copy_paste=false"]),
-    "sim-pw0.05": ("sim", "train.json", ["sim.pseudo_weight=0.05"]),
-    "sim-pw0.15": ("sim", "train.json", ["sim.pseudo_weight=0.15"]),
-    "sim-L1": ("sim", "train.json", ["sim.num_prototypes=1"]),
-    "sim-L3": ("sim", "train.json", ["sim.num_prototypes=3"]),
-    "sim-bg": ("sim", "train.json", ["sim.bg_prototypes=4", "sim.semantic_softmax=true"]),
-    "sim-hygiene": ("sim", "train.json", ["sim.proto_confidence=0.9", "sim.proto_erode=1", "sim.proto_from=switch_on"]),
-    # a box pixel another object's confident instance map claims is background (same-class overlaps)
-    "sim-compete": ("sim", "train.json", ["sim.instance_competition=true"]),
-    "sim-alpha1-compete": ("sim", "train.json", ["sim.alpha=1.0", "sim.instance_competition=true"]),
-    "sim-student-aug": ("sim", "train.json", ["sim.student_aug=true", "sim.teacher_backbone=ema"]),
+    "sim": ("sim", "train.json", []),  # the default: instance map + instance competition + copy-paste
+    "sim-paper": ("sim", "train.json", PAPER),
+    "sim-alpha1": ("sim", "train.json", [*PAPER, "sim.alpha=1.0"]),
+    "sim-paste-only": ("sim", "train.json", [*PAPER, "sim.pseudo_weight=0"]),
+    "sim-no-paste": ("sim", "train.json", [*PAPER, "sim.copy_paste=false"]),
+    "sim-pw0.05": ("sim", "train.json", [*PAPER, "sim.pseudo_weight=0.05"]),
+    "sim-pw0.15": ("sim", "train.json", [*PAPER, "sim.pseudo_weight=0.15"]),
+    "sim-L1": ("sim", "train.json", [*PAPER, "sim.num_prototypes=1"]),
+    "sim-L3": ("sim", "train.json", [*PAPER, "sim.num_prototypes=3"]),
+    "sim-bg": ("sim", "train.json", [*PAPER, "sim.bg_prototypes=4", "sim.semantic_softmax=true"]),
+    "sim-hygiene": ("sim", "train.json", [*PAPER, "sim.proto_confidence=0.9", "sim.proto_erode=1",
+                                          "sim.proto_from=switch_on"]),
+    "sim-student-aug": ("sim", "train.json", [*PAPER, "sim.student_aug=true", "sim.teacher_backbone=ema"]),
     # every prototype remedy at once: background prototypes with the softmax map at a sharper temperature,
     # prototype momentum warm-up, confident eroded pixels from switch-on
-    "sim-semantic": ("sim", "train.json", ["sim.bg_prototypes=4", "sim.semantic_softmax=true", "sim.tau=0.2",
+    "sim-semantic": ("sim", "train.json", [*PAPER, "sim.bg_prototypes=4", "sim.semantic_softmax=true", "sim.tau=0.2",
                                            "sim.proto_warmup=true", "sim.proto_confidence=0.9", "sim.proto_erode=1",
                                            "sim.proto_from=switch_on"]),
+    # a box pixel another object's confident instance map claims is background (same-class overlaps)
+    "sim-compete": ("sim", "train.json", ["sim.semantic=true", "sim.instance_competition=true"]),
+    # the same pseudo labels as the default `sim` (alpha 1: M_S is computed, its weight is 0)
+    "sim-alpha1-compete": ("sim", "train.json", ["sim.semantic=true", "sim.alpha=1.0", "sim.instance_competition=true"]),
 }
 
 

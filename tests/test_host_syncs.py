@@ -65,7 +65,7 @@ def test_one_host_sync_per_step(synth_data, method, images, monkeypatch):
 
 
 def test_prototype_update_same_on_host_and_device_paths(synth_data, monkeypatch):
-    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false"])
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.semantic=true"])
     ds = CocoDataset(synth_data / "train.json", synth_data / "images")
     td = TrainDataset(ds, cfg.data.min_size_train, cfg.data.max_size, cfg.data.hflip, False)
     batch = collate([td[(i, 0)] for i in range(3)])

@@ -266,7 +266,8 @@ def test_sim_run_trains_resumes_exactly_and_evaluates(synth_data, tmp_path, caps
     maps = q["sim_maps"]
     assert set(maps) == {"all", "plain", "near_colour", "same_class_overlap"} and maps["all"]["objects"] == q["covered"]
     for split in maps.values():
-        for m in ("m_s", "m_i", "fused"):
+        assert "m_s" not in split["auc"]  # the default has no semantic map
+        for m in ("m_i", "fused"):
             assert 0.0 <= split["auc"][m]["pooled"] <= 1.0 and 0.0 <= split["auc"][m]["per_object"] <= 1.0
         assert 0.0 <= split["pseudo_bg"]["recall"] <= 1.0 and 0.0 <= split["pseudo_ignored"] <= 1.0
         assert all(name in printed for name in maps)
@@ -383,7 +384,7 @@ def _sim_step(synth_data, extra=(), pseudo_on=True, json="train.json", with_mask
     fg_thresh 0.3 lets pixels through)."""
     from boxmask.modeling.sim.method import SIM
 
-    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3", "sim.semantic=true", "sim.instance_competition=false",
                                             "sim.proto_pixels=mi", *extra])
     batch, num_classes = _synth_batch(synth_data, cfg, json=json, with_masks=with_masks)
     if has_mask is not None:
@@ -515,3 +516,41 @@ def test_mask_supervised_objects_get_no_pseudo_or_feature_pairwise_loss(synth_da
     for k in ("gt_m_s_gap", "gt_m_i_gap", "gt_fused_gap"):
         assert -1.0 <= float(stats[k]) <= 1.0, k
     assert float(stats["pseudo_fg"] + stats["pseudo_bg"] + stats["pseudo_ignored"]) == pytest.approx(1.0)
+
+
+def test_rival_maps_and_the_pixels_other_objects_claim():
+    from boxmask.modeling.sim.self_correction import claimed_by_rivals, rival_maps
+
+    g = torch.Generator().manual_seed(0)
+    maps, image = torch.rand(6, 5, 7, generator=g), torch.tensor([0, 0, 1, 0, 1, 2])
+    rival = rival_maps(maps, image, 3)
+    for i in range(6):
+        others = [j for j in range(6) if j != i and image[j] == image[i]]
+        want = torch.stack([maps[j] for j in others]).amax(0) if others else torch.zeros(5, 7)
+        assert torch.allclose(rival[i], want), i
+    # two touching objects of one image: each claims its own confident half of the shared box area
+    own = torch.zeros(2, 4, 6)
+    own[0, :, :3], own[0, :, 3:] = 0.9, 0.6
+    own[1, :, :3], own[1, :, 3:] = 0.5, 0.95
+    box = torch.ones(2, 4, 6)
+    box[1, :, 0] = 0  # object 1's box leaves out the first column: its map there is no claim
+    claimed = claimed_by_rivals(own, box, torch.tensor([0, 0]), 1, confident=0.7)
+    assert claimed[0, :, 3:].all() and not claimed[0, :, :3].any()
+    assert claimed[1, :, 1:3].all() and not claimed[1, :, 0].any() and not claimed[1, :, 3:].any()
+    # a rival below the confidence claims nothing
+    assert not claimed_by_rivals(own * 0.7, box, torch.tensor([0, 0]), 1, confident=0.7).any()
+
+
+def test_instance_competition_makes_claimed_pixels_pseudo_background(synth_data):
+    from boxmask.modeling.sim.self_correction import claimed_by_rivals
+
+    base = ["sim.semantic=false"]
+    sim, _, batch, aux, *_ = _sim_step(synth_data, [*base, "sim.instance_competition=false"])
+    plain = sim.pseudo_masks(batch, aux)
+    sim_c, _, batch_c, aux_c, *_ = _sim_step(synth_data, [*base, "sim.instance_competition=true"])
+    comp = sim_c.pseudo_masks(batch_c, aux_c)
+    assert torch.allclose(plain["teacher_m_i"], comp["teacher_m_i"])
+    claimed = claimed_by_rivals(comp["teacher_m_i"], comp["box"], comp["image"], batch_c["images"].shape[0], 0.3)
+    assert claimed.any(), "the synth batch has overlapping boxes"
+    assert torch.equal(comp["target"], plain["target"] * ~claimed)
+    assert torch.equal(comp["weight"], torch.where(claimed, torch.ones_like(plain["weight"]), plain["weight"]))

@@ -81,7 +81,8 @@ def test_training_log_carries_the_pseudo_label_statistics(synth_data, tmp_path):
 
     out = tmp_path / "run"
     assert main(["train", "-c", "configs/tiny.yaml", *TINY, "sim.warmup_frac=0", "sim.copy_paste=false",
-                 "sim.fg_thresh=0.3", "--method", "sim", "--train-json", str(synth_data / "train_full.json"),
+                 "sim.fg_thresh=0.3", "sim.semantic=true", "--method", "sim",
+                 "--train-json", str(synth_data / "train_full.json"),
                  "--train-images", str(synth_data / "images"), "--out", str(out), "--max-iters", "2",
                  "--no-progress"]) == 0
     rec = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l][-1]
@@ -93,9 +94,9 @@ def test_training_log_carries_the_pseudo_label_statistics(synth_data, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [
-    ["sim.bg_prototypes=2", "sim.semantic_softmax=true"],
-    ["sim.proto_confidence=0.4", "sim.proto_erode=1", "sim.proto_from=switch_on"],
-    ["sim.proto_warmup=true", "sim.bg_prototypes=2", "sim.semantic_softmax=true"],
+    ["sim.semantic=true", "sim.bg_prototypes=2", "sim.semantic_softmax=true"],
+    ["sim.semantic=true", "sim.proto_confidence=0.4", "sim.proto_erode=1", "sim.proto_from=switch_on"],
+    ["sim.semantic=true", "sim.proto_warmup=true", "sim.bg_prototypes=2", "sim.semantic_softmax=true"],
     ["sim.student_aug=true", "sim.teacher_backbone=ema", "sim.pairwise_feat_sim=true"],
 ])
 def test_ablation_switches_keep_one_host_sync_per_step(synth_data, monkeypatch, extra):
