@@ -384,7 +384,9 @@ def _sim_step(synth_data, extra=(), pseudo_on=True, json="train.json", with_mask
     fg_thresh 0.3 lets pixels through)."""
     from boxmask.modeling.sim.method import SIM
 
-    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3", "sim.semantic=true", "sim.instance_competition=false",
+    # the paper's formulation (prototypes at work); instance competition has its own tests
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
+                                            "sim.semantic=true", "sim.instance_competition=false",
                                             "sim.proto_pixels=mi", *extra])
     batch, num_classes = _synth_batch(synth_data, cfg, json=json, with_masks=with_masks)
     if has_mask is not None:

@@ -107,8 +107,9 @@ class SIM(nn.Module):
         has_pos = torch.zeros(num_g, dtype=torch.bool, device=logits.device).index_fill_(0, group, True)
         g_img, g_cls = aux["gt_image"], aux["gt_labels"]
         box = aux["object_box_masks"]  # the box, or what copy-paste left of it
-        t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w))
-        z_t = F.normalize(t_feats, dim=1)
+        # the teacher's features at mask resolution serve the semantic map and the feature pairwise term only
+        t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w)) if s.semantic or s.pairwise_feat_sim else None
+        z_t = F.normalize(t_feats, dim=1) if s.semantic else None
         m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau, s.semantic_softmax) if s.semantic else None
         fused = fuse(m_s, m_i if s.self_correction else None, s.alpha if s.semantic else 1.0)
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
@@ -116,7 +117,7 @@ class SIM(nn.Module):
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
         if s.instance_competition:
             claimed = claimed_by_rivals(m_i, box, g_img, batch["images"].shape[0], s.fg_thresh)
-            target, weight = target * ~claimed, torch.where(claimed, torch.ones_like(weight), weight)
+            target, weight = target.masked_fill(claimed, 0.0), weight.masked_fill(claimed, 1.0)
         # the teacher's own maps, before mask-supervised objects take their GT (what the GT can measure)
         out = {"teacher_m_i": m_i, "pseudo_target": target, "pseudo_weight": weight}
         g_has = aux.get("object_has_mask")

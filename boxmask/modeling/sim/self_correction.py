@@ -64,12 +64,12 @@ def rival_maps(maps: torch.Tensor, image: torch.Tensor, num_images: int) -> torc
     g, h, w = maps.shape
     if g == 0:
         return maps
-    idx = image.long()[:, None, None].expand(g, h, w)
-    first = maps.new_full((num_images, h, w), -1.0).scatter_reduce(0, idx, maps, "amax")
-    top = maps >= first[image.long()]
-    second = maps.new_full((num_images, h, w), -1.0).scatter_reduce(0, idx, torch.where(top, -1.0, maps), "amax")
-    rival = torch.where(top, second[image.long()], first[image.long()])
-    return rival.clamp_min(0.0)
+    image = image.long()
+    idx = image[:, None, None].expand(g, h, w)
+    first = maps.new_full((num_images, h, w), -1.0).scatter_reduce(0, idx, maps, "amax")[image]
+    top = maps >= first
+    second = maps.new_full((num_images, h, w), -1.0).scatter_reduce(0, idx, torch.where(top, -1.0, maps), "amax")[image]
+    return torch.where(top, second, first).clamp_min(0.0)
 
 
 def claimed_by_rivals(own: torch.Tensor, box: torch.Tensor, image: torch.Tensor, num_images: int,
