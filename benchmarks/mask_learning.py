@@ -50,8 +50,10 @@ VARIANTS = {
     "sim-tau0.1": ("sim", "train.json", ["sim.copy_paste=false", "sim.tau=0.1"]),
     # the teacher's EMA heads on the student's FPN features: no second backbone pass
     "sim-student-backbone": ("sim", "train.json", ["sim.copy_paste=false", "sim.teacher_backbone=student"]),
-    # SIM with online copy-paste (the default method: sim)
+    # SIM with online copy-paste (the default method: sim: instance competition, no semantic map)
     "sim": ("sim", "train.json", []),
+    # the paper's formulation: semantic map and prototypes, no instance competition
+    "sim-paper": ("sim", "train.json", ["sim.semantic=true", "sim.instance_competition=false"]),
     # the same with the teacher's EMA heads on the student's FPN features
     "sim-student-teacher": ("sim", "train.json", ["sim.teacher_backbone=student"]),
     # the released code's copy-paste: bank of 50, half of the objects with replacement, score cubed

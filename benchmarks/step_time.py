@@ -6,7 +6,7 @@
 
 Every method trains its own model on the same pre-loaded batches (data loading excluded). The methods
 take turns step by step, in a rotating order, so a slow spell of the machine hits them all alike;
-3 warm-up rounds are not timed. Writes ``benchmarks/results/step_time.json`` and ``.md``. Run it on an
+3 warm-up rounds are not timed. Writes ``benchmarks/results/NAME.json`` and ``.md`` (``--name``, default step_time). Run it on an
 otherwise idle machine: it measures wall time.
 """
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--methods", default="boxinst,sim-no-copy-paste,sim-student-backbone,sim,sim-student-teacher,full")
     ap.add_argument("--config", default=str(ROOT.parent / "configs" / "tiny.yaml"))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--name", default="step_time", help="results file name in benchmarks/results/")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,8 +103,8 @@ def main() -> None:
     for m, r in rows.items():
         rel = f"{r['median_s'] / base:.2f}x" if base else "-"
         lines.append(f"| {m} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {rel} |")
-    atomic_write_text(ROOT / "results" / "step_time.json", json.dumps(result, indent=2))
-    atomic_write_text(ROOT / "results" / "step_time.md", "\n".join(lines) + "\n")
+    atomic_write_text(ROOT / "results" / f"{args.name}.json", json.dumps(result, indent=2))
+    atomic_write_text(ROOT / "results" / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
