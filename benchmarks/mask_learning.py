@@ -47,7 +47,7 @@ VARIANTS = {
     "sim-no-self-correction": ("sim", "train.json", ["sim.copy_paste=false", "sim.self_correction=false"]),
     "sim-no-copy-paste": ("sim", "train.json", ["sim.copy_paste=false"]),
     # the paper's temperature in M_S (the default 1.0 is the released code's)
-    "sim-tau0.1": ("sim", "train.json", ["sim.copy_paste=false", "sim.tau=0.1"]),
+    "sim-tau0.1": ("sim", "train.json", ["sim.copy_paste=false", "sim.semantic=true", "sim.tau=0.1"]),
     # the teacher's EMA heads on the student's FPN features: no second backbone pass
     "sim-student-backbone": ("sim", "train.json", ["sim.copy_paste=false", "sim.teacher_backbone=student"]),
     # SIM with online copy-paste (the default method: sim: instance competition, no semantic map)

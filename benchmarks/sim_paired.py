@@ -60,6 +60,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-compete": ("sim", "train.json", ["sim.semantic=true", "sim.instance_competition=true"]),
     # the same pseudo labels as the default `sim` (alpha 1: M_S is computed, its weight is 0)
     "sim-alpha1-compete": ("sim", "train.json", ["sim.semantic=true", "sim.alpha=1.0", "sim.instance_competition=true"]),
+    # near-colour remedies on top of the default: the pairwise term's colour affinity times the teacher's
+    # feature affinity (released code), at its threshold and at BoxInst's colour threshold
+    "sim-featpair": ("sim", "train.json", ["sim.pairwise_feat_sim=true"]),
+    "sim-featpair0.3": ("sim", "train.json", ["sim.pairwise_feat_sim=true", "sim.pairwise_feat_thresh=0.3"]),
+    # the default's pseudo loss at twice the weight
+    "sim-pw1": ("sim", "train.json", ["sim.pseudo_weight=1.0"]),
 }
 
 

@@ -480,9 +480,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         _apply_override(cfg, ov, touched)
     validate(cfg)
+    _check_semantic_keys(cfg, touched)
     cfg.user_keys = frozenset(touched)
     cfg.source = str(path or "")
     return cfg
+
+
+# keys that only act through the semantic map M_S and its prototypes
+SEMANTIC_KEYS = ("sim.num_prototypes", "sim.tau", "sim.sinkhorn_eps", "sim.sinkhorn_iters", "sim.proto_momentum",
+                 "sim.proto_pixels", "sim.proto_confidence", "sim.proto_erode", "sim.proto_from",
+                 "sim.bg_prototypes", "sim.semantic_softmax", "sim.proto_warmup", "sim.alpha")
+
+
+def _check_semantic_keys(cfg: Config, touched: set[str]) -> None:
+    """A semantic-map key typed while the semantic map is off would be silently ignored: refuse it."""
+    if cfg.method != "sim" or cfg.sim.semantic:
+        return
+    idle = [k for k in SEMANTIC_KEYS if k in touched]
+    if idle:
+        raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
+                          "act through the semantic map, which is off (sim.semantic=false, the default); add "
+                          "sim.semantic=true to use them")
 
 
 def _yaml_chain(path: Path, depth: int = 0) -> list[dict]:

@@ -217,3 +217,11 @@ def test_user_keys_are_the_overridden_ones():
     assert cfg.user_keys == {"solver.max_iters", "solver.lr", "method"}
     assert load_config("configs/tiny.yaml").user_keys == frozenset()
     assert "user_keys" not in __import__("boxmask.config", fromlist=["to_dict"]).to_dict(cfg)
+
+
+def test_semantic_map_keys_are_refused_while_the_semantic_map_is_off():
+    with pytest.raises(ConfigError, match=r"'sim\.num_prototypes', 'sim\.alpha' only act through the semantic map"):
+        load_config(None, ["method=sim", "sim.num_prototypes=3", "sim.alpha=0.7"])
+    assert load_config(None, ["method=sim", "sim.semantic=true", "sim.num_prototypes=3"]).sim.num_prototypes == 3
+    assert load_config(None, ["method=boxinst", "sim.num_prototypes=3"]).sim.num_prototypes == 3
+    assert load_config("sim_R50_1x").sim.num_prototypes == 10  # a preset's values are not typed keys
