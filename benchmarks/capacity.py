@@ -35,6 +35,7 @@ CAPACITIES: dict[str, list[str]] = {
     "deep": ["model.head_convs=4"],
     "levels5": FIVE_LEVELS,
     "wide-deep": ["model.fpn_channels=128", "model.mask_branch_channels=128", "model.head_convs=4"],
+    "wide256": ["model.fpn_channels=256", "model.mask_branch_channels=128"],
     # MMDetection's CondInst head on this backbone: 256-channel FPN on 5 levels, 4 head convolutions
     "heavy": ["model.fpn_channels=256", "model.mask_branch_channels=128", "model.head_convs=4", *FIVE_LEVELS],
 }
