@@ -32,3 +32,17 @@ def test_capacity_benchmark_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and "== " not in again.stdout
+
+
+def test_large_preset_is_the_benchmarked_heavy_capacity():
+    """The shipped mobilenet_v2_192_large preset is what capacity.py measured as `heavy`, so the numbers its
+    comment and the README cite stay the preset's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from capacity import CAPACITIES
+
+    from boxmask.config import load_config
+
+    large = load_config("mobilenet_v2_192_large")
+    heavy = load_config("mobilenet_v2_192", CAPACITIES["heavy"])
+    assert large.model == heavy.model and large.solver == heavy.solver and large.data == heavy.data
+    assert large.model.fpn_channels == 256 and len(large.model.fpn_strides) == 5
