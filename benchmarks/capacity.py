@@ -3,6 +3,8 @@ preset, `boxinst` and `full`, with paired seeds.
 
     python benchmarks/capacity.py --capacities preset,wide,deep,heavy --methods boxinst,full --seeds 0,1,2
     python benchmarks/capacity.py --summary-only             # tables and plot from the runs already done
+    python benchmarks/capacity.py --name capacity_wall --capacities preset,heavy --methods boxinst \
+        --budget heavy=1728 --reuse capacity                  # heavy at the preset's training wall-clock
 
 Data: the textured data of sim_paired.py (every class its own texture family, 600 train / 200 val images of
 192 px). Each (capacity, method, seed) trains in its own process, one at a time, and is evaluated on val
@@ -48,7 +50,7 @@ def run_name(capacity: str, method: str, seed: int) -> str:
 
 
 def train(capacity: str, method: str, seed: int, data: Path, out: Path, args) -> None:
-    iters = args.images_seen // args.batch
+    iters = args.budgets.get(capacity, args.images_seen) // args.batch
     if curve(out):
         return
     cmd = [sys.executable, "-m", "boxmask", "train", "-c", args.config, "--method", method,
@@ -113,7 +115,9 @@ def _f(v: float, digits: int = 3) -> str:
 
 
 def to_markdown(summary: dict, meta: dict) -> str:
-    lines = [f"# Capacity against quality ({meta['config']}, {meta['images_seen']} images seen, CPU)", "",
+    budgets = meta.get("budgets") or {}
+    seen = f"{meta['images_seen']} images seen" + "".join(f", {c}: {n}" for c, n in budgets.items())
+    lines = [f"# Capacity against quality ({meta['config']}, {seen}, CPU)", "",
              f"Textured data ({meta['num_train']} train / {meta['num_val']} val images, {meta['size']} px), seeds "
              f"{meta['seeds']} (the same for every row). Cells: mean ± sd over the seeds at the end of training; Δ: "
              "the paired difference to `preset` (mean ± sd). s / step: logged training seconds per step (no "
@@ -168,6 +172,11 @@ def main() -> None:
     ap.add_argument("--methods", default="boxinst,full")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--images-seen", type=int, default=4800)
+    ap.add_argument("--budget", action="append", default=[], metavar="CAPACITY=IMAGES",
+                    help="images seen for one capacity (e.g. heavy=1728: the preset's wall-clock at 4,800); "
+                         "give a separate --name, since runs are found by capacity, method and seed")
+    ap.add_argument("--reuse", metavar="NAME", help="take the finished runs of benchmark NAME for the capacities "
+                    "without a --budget instead of training them again (linked, not copied)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--points", type=int, default=4, help="evaluations over the schedule")
     ap.add_argument("--config", default="mobilenet_v2_192")
@@ -184,6 +193,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = ap.parse_args()
     caps, methods = args.capacities.split(","), args.methods.split(",")
+    args.budgets = {}
+    for item in args.budget:
+        cap, _, n = item.partition("=")
+        if cap not in CAPACITIES or not n.isdigit() or int(n) < args.batch:
+            ap.error(f"--budget {item!r}: expected CAPACITY=IMAGES with a capacity from {', '.join(CAPACITIES)} "
+                     f"and at least {args.batch} images")
+        args.budgets[cap] = int(n)
     seeds = [int(s) for s in args.seeds.split(",")]
     bad = [c for c in caps if c not in CAPACITIES] + [m for m in methods if m not in METHODS]
     if bad:
@@ -191,6 +207,14 @@ def main() -> None:
     data = args.work / f"textured_{args.num_train}_{args.num_val}_{args.size}_{args.data_seed}"
     make_data(data, args.num_train, args.num_val, args.size, args.data_seed)
     runs = args.work / "runs" / args.name
+    if args.reuse:
+        for cap in (c for c in caps if c not in args.budgets):
+            for method in methods:
+                for seed in seeds:
+                    src, dst = args.work / "runs" / args.reuse / run_name(cap, method, seed), runs / run_name(cap, method, seed)
+                    if curve(src) and not dst.exists():
+                        runs.mkdir(parents=True, exist_ok=True)
+                        dst.symlink_to(src.resolve(), target_is_directory=True)
     if not args.summary_only:
         for seed in seeds:  # seed-major: a stopped benchmark stays paired
             for cap in caps:
@@ -203,7 +227,8 @@ def main() -> None:
                 c = curve(runs / run_name(cap, method, seed))
                 if c:
                     curves.setdefault(cap, {}).setdefault(method, {})[seed] = c
-    meta = {"config": args.config, "images_seen": args.images_seen, "batch": args.batch, "seeds": seeds,
+    meta = {"config": args.config, "images_seen": args.images_seen, "budgets": args.budgets, "batch": args.batch,
+            "seeds": seeds,
             "num_train": args.num_train, "num_val": args.num_val, "size": args.size, "overrides": args.overrides}
     summary = summarise(curves)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,20 @@ def test_capacity_benchmark_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode == 0 and "== " not in again.stdout
+    # a capacity at its own budget, beside the reference's finished runs taken from the first benchmark
+    wall = list(cmd)
+    wall[wall.index("--results") + 1] = str(tmp_path / "wall")
+    wall += ["--name", "wall", "--budget", "deep=4", "--reuse", "capacity"]
+    res = subprocess.run(wall, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "== deep_boxinst_s0" in res.stdout and "== preset" not in res.stdout
+    out = json.loads((tmp_path / "wall" / "wall.json").read_text())
+    assert out["meta"]["budgets"] == {"deep": 4}
+    assert [p["iteration"] for p in out["curves"]["deep"]["boxinst"]["0"]] == [1, 2]
+    assert [p["iteration"] for p in out["curves"]["preset"]["boxinst"]["0"]] == [2, 4]
+    assert out["summary"]["deep"]["boxinst"]["mask_AP"]["vs_preset"]["seeds"] == [0, 1]
+    assert "deep: 4" in (tmp_path / "wall" / "wall.md").read_text()
 
 
 def test_large_preset_is_the_benchmarked_heavy_capacity():

@@ -379,15 +379,16 @@ def _synth_batch(synth_data, cfg, n=2, json="train.json", with_masks=False):
     return collate([td[(i, 0)] for i in range(n)]), len(ds.cat_ids)
 
 
-def _sim_step(synth_data, extra=(), pseudo_on=True, json="train.json", with_masks=False, has_mask=None):
+def _sim_step(synth_data, extra=(), pseudo_on=True, json="train.json", with_masks=False, has_mask=None,
+              semantic=True):
     """A SIM model and one step's losses on real synth images (the untrained teacher's M_I is about 0.5:
     fg_thresh 0.3 lets pixels through)."""
     from boxmask.modeling.sim.method import SIM
 
     # the paper's formulation (prototypes at work); instance competition has its own tests
+    semantic_keys = ["sim.semantic=true", "sim.proto_pixels=mi"] if semantic else ["sim.semantic=false"]
     cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
-                                            "sim.semantic=true", "sim.instance_competition=false",
-                                            "sim.proto_pixels=mi", *extra])
+                                            "sim.instance_competition=false", *semantic_keys, *extra])
     batch, num_classes = _synth_batch(synth_data, cfg, json=json, with_masks=with_masks)
     if has_mask is not None:
         for t in batch["targets"]:
@@ -546,10 +547,9 @@ def test_rival_maps_and_the_pixels_other_objects_claim():
 def test_instance_competition_makes_claimed_pixels_pseudo_background(synth_data):
     from boxmask.modeling.sim.self_correction import claimed_by_rivals
 
-    base = ["sim.semantic=false"]
-    sim, _, batch, aux, *_ = _sim_step(synth_data, [*base, "sim.instance_competition=false"])
+    sim, _, batch, aux, *_ = _sim_step(synth_data, ["sim.instance_competition=false"], semantic=False)
     plain = sim.pseudo_masks(batch, aux)
-    sim_c, _, batch_c, aux_c, *_ = _sim_step(synth_data, [*base, "sim.instance_competition=true"])
+    sim_c, _, batch_c, aux_c, *_ = _sim_step(synth_data, ["sim.instance_competition=true"], semantic=False)
     comp = sim_c.pseudo_masks(batch_c, aux_c)
     assert torch.allclose(plain["teacher_m_i"], comp["teacher_m_i"])
     claimed = claimed_by_rivals(comp["teacher_m_i"], comp["box"], comp["image"], batch_c["images"].shape[0], 0.3)
