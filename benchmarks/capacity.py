@@ -19,6 +19,7 @@ CPU cores.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -208,13 +209,12 @@ def main() -> None:
     make_data(data, args.num_train, args.num_val, args.size, args.data_seed)
     runs = args.work / "runs" / args.name
     if args.reuse:
-        for cap in (c for c in caps if c not in args.budgets):
-            for method in methods:
-                for seed in seeds:
-                    src, dst = args.work / "runs" / args.reuse / run_name(cap, method, seed), runs / run_name(cap, method, seed)
-                    if curve(src) and not dst.exists():
-                        runs.mkdir(parents=True, exist_ok=True)
-                        dst.symlink_to(src.resolve(), target_is_directory=True)
+        reused = [c for c in caps if c not in args.budgets]
+        for name in (run_name(*key) for key in itertools.product(reused, methods, seeds)):
+            src, dst = args.work / "runs" / args.reuse / name, runs / name
+            if curve(src) and not dst.exists():
+                runs.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(src.resolve(), target_is_directory=True)
     if not args.summary_only:
         for seed in seeds:  # seed-major: a stopped benchmark stays paired
             for cap in caps:
