@@ -210,9 +210,12 @@ def main() -> None:
     runs = args.work / "runs" / args.name
     if args.reuse:
         reused = [c for c in caps if c not in args.budgets]
-        for name in (run_name(*key) for key in itertools.product(reused, methods, seeds)):
+        for cap, method, seed in itertools.product(reused, methods, seeds):
+            name = run_name(cap, method, seed)
             src, dst = args.work / "runs" / args.reuse / name, runs / name
-            if curve(src) and not dst.exists():
+            src_curve = curve(src)
+            # only a run of the same length: NAME may hold this capacity at another --budget
+            if src_curve and src_curve[-1]["iteration"] == args.images_seen // args.batch and not dst.exists():
                 runs.mkdir(parents=True, exist_ok=True)
                 dst.symlink_to(src.resolve(), target_is_directory=True)
     if not args.summary_only:

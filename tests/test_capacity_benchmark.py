@@ -46,6 +46,14 @@ def test_capacity_benchmark_end_to_end(tmp_path):
     assert [p["iteration"] for p in out["curves"]["preset"]["boxinst"]["0"]] == [2, 4]
     assert out["summary"]["deep"]["boxinst"]["mask_AP"]["vs_preset"]["seeds"] == [0, 1]
     assert "deep: 4" in (tmp_path / "wall" / "wall.md").read_text()
+    # reusing the wall benchmark at the full budget links the preset but not deep's shorter run
+    back = list(cmd)
+    back[back.index("--results") + 1] = str(tmp_path / "back")
+    back += ["--name", "back", "--reuse", "wall", "--summary-only"]
+    res = subprocess.run(back, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert set(json.loads((tmp_path / "back" / "back.json").read_text())["curves"]) == {"preset"}
 
 
 def test_large_preset_is_the_benchmarked_heavy_capacity():
