@@ -64,8 +64,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     # feature affinity (released code), at its threshold and at BoxInst's colour threshold
     "sim-featpair": ("sim", "train.json", ["sim.pairwise_feat_sim=true"]),
     "sim-featpair0.3": ("sim", "train.json", ["sim.pairwise_feat_sim=true", "sim.pairwise_feat_thresh=0.3"]),
-    # the default's pseudo loss at twice the weight
+    "sim-featpair0.2": ("sim", "train.json", ["sim.pairwise_feat_sim=true", "sim.pairwise_feat_thresh=0.2"]),
+    # the default's pseudo loss at 1.5x and twice the weight
+    "sim-pw0.75": ("sim", "train.json", ["sim.pseudo_weight=0.75"]),
     "sim-pw1": ("sim", "train.json", ["sim.pseudo_weight=1.0"]),
+    "sim-pw0.75-featpair0.2": ("sim", "train.json", ["sim.pseudo_weight=0.75", "sim.pairwise_feat_sim=true",
+                                                     "sim.pairwise_feat_thresh=0.2"]),
 }
 
 
