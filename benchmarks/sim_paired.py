@@ -70,6 +70,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-pw1": ("sim", "train.json", ["sim.pseudo_weight=1.0"]),
     "sim-pw0.75-featpair0.2": ("sim", "train.json", ["sim.pseudo_weight=0.75", "sim.pairwise_feat_sim=true",
                                                      "sim.pairwise_feat_thresh=0.2"]),
+    # the pseudo loss on the box's pseudo-background pixels only (the foreground left to the projection and
+    # pairwise terms), at the default weight and twice it; BCE without Dice; the 1.5x weight ramped in
+    "sim-neg": ("sim", "train.json", ["sim.pseudo_region=background"]),
+    "sim-neg-pw1": ("sim", "train.json", ["sim.pseudo_region=background", "sim.pseudo_weight=1.0"]),
+    "sim-bce-pw0.75": ("sim", "train.json", ["sim.pseudo_loss=bce", "sim.pseudo_weight=0.75"]),
+    "sim-pw0.75-ramp": ("sim", "train.json", ["sim.pseudo_weight=0.75", "sim.ramp_frac=0.3"]),
 }
 
 

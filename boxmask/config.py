@@ -152,7 +152,10 @@ class SimConfig:
     tau_high_max: float = 0.8
     tau_low: float = 0.4
     pseudo_weight: float = 0.5  # lambda1
-    pseudo_loss: str = "bce_dice"  # bce_dice (paper) | focal (code)
+    pseudo_loss: str = "bce_dice"  # bce_dice (paper) | bce (BCE alone) | focal (code)
+    # which of the box's confident pixels the pseudo loss supervises: all (paper) | background (only those
+    # the pseudo label makes background: the box's foreground is left to the projection and pairwise terms)
+    pseudo_region: str = "all"
     warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
     ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
     # Teacher asymmetry: the student's input gets strong photometric augmentation (colour jitter, grayscale,
@@ -248,7 +251,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sim.teacher_backbone": ("ema", "student"),
     "sim.proto_pixels": ("pseudo", "mi"),
     "sim.weighting": ("iou", "mean"),
-    "sim.pseudo_loss": ("bce_dice", "focal"),
+    "sim.pseudo_loss": ("bce_dice", "bce", "focal"),
+    "sim.pseudo_region": ("all", "background"),
     "sim.proto_from": ("start", "switch_on"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.scheduler": ("step", "cosine"),

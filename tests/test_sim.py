@@ -14,7 +14,7 @@ from boxmask.engine.checkpoint import load_checkpoint
 from .conftest import one_thread
 from boxmask.modeling.condinst import CondInst
 from boxmask.modeling.sim.prototypes import Prototypes
-from boxmask.modeling.sim.pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
+from boxmask.modeling.sim.pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets, region_weight
 from boxmask.modeling.sim.self_correction import merge_masks, positive_weights
 from boxmask.modeling.sim.sinkhorn import hard_assignment, sinkhorn
 from boxmask.modeling.sim.teacher import EMATeacher
@@ -146,6 +146,24 @@ def test_pseudo_loss_ignores_band_and_outside_box():
     # changing ignored pixels does not change the loss
     other = torch.tensor([[[0.0, 9.0, 0.0, -9.0]]])
     assert pseudo_mask_loss(other, target, weight).item() == pytest.approx(pseudo_mask_loss(torch.zeros(1, 1, 4), target, weight).item())
+
+
+def test_pseudo_loss_background_region_and_bce_alone():
+    prob = torch.tensor([[[0.9, 0.5, 0.1, 0.05]]])  # fg, band, bg, bg
+    box = torch.ones(1, 1, 4)
+    target, weight = pseudo_targets(prob, box, torch.tensor([0.75]), 0.4)
+    bg_only = region_weight(target, weight, "background")
+    assert bg_only.tolist() == [[[0.0, 0.0, 1.0, 1.0]]]
+    assert torch.equal(region_weight(target, weight, "all"), weight)
+    logits = torch.zeros(1, 1, 4, requires_grad=True)
+    pseudo_mask_loss(logits, target, bg_only, "bce").sum().backward()
+    g = logits.grad[0, 0]
+    assert g[0] == 0 and g[1] == 0 and g[2] > 0 and g[3] > 0  # only the background pixels, pushed down
+    # bce alone: the mean BCE over the confident pixels, no Dice
+    x = torch.tensor([[[2.0, 0.0, -1.0, 0.5]]])
+    expect = F.binary_cross_entropy_with_logits(x[0, 0, [0, 2, 3]], target[0, 0, [0, 2, 3]])
+    assert pseudo_mask_loss(x, target, weight, "bce").item() == pytest.approx(expect.item(), rel=1e-6)
+    assert pseudo_mask_loss(x, target, weight, "bce_dice").item() > expect.item()
 
 
 def test_adaptive_threshold_rank_and_clamp():

@@ -21,7 +21,7 @@ from ..dynamic_mask_head import aligned_bilinear
 from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
-from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets
+from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets, region_weight
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
@@ -147,7 +147,9 @@ class SIM(nn.Module):
         pm = self.pseudo_masks(batch, aux)
         out["loss_pseudo"] = logits.sum() * 0.0
         if pseudo_on and s.pseudo_weight > 0:
-            per_inst = pseudo_mask_loss(logits[:, 0], pm["target"][pm["group"]], pm["weight"][pm["group"]], s.pseudo_loss)
+            target = pm["target"][pm["group"]]
+            weight = region_weight(target, pm["weight"][pm["group"]], s.pseudo_region)
+            per_inst = pseudo_mask_loss(logits[:, 0], target, weight, s.pseudo_loss)
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         if s.pairwise_feat_sim:

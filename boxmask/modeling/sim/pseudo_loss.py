@@ -37,15 +37,25 @@ def pseudo_targets(prob: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor
     return target, weight
 
 
+def region_weight(target: torch.Tensor, weight: torch.Tensor, region: str = "all") -> torch.Tensor:
+    """The weight restricted to the supervised region: ``all`` keeps it, ``background`` keeps only the
+    confident pixels the pseudo label makes background."""
+    if region == "background":
+        return weight * (1.0 - target)
+    return weight
+
+
 def pseudo_mask_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, kind: str = "bce_dice") -> torch.Tensor:
-    """Per-instance loss on the confident pixels: BCE (mean over them) + Dice (over them); ``focal`` is
-    the released code's focal-only form, normalised by the weight sum. Returns [N]."""
+    """Per-instance loss on the confident pixels: BCE (mean over them) + Dice (over them); ``bce`` the
+    BCE alone; ``focal`` the released code's focal-only form, normalised by the weight sum. Returns [N]."""
     logits = logits.float()
     if kind == "focal":
         fl = sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0, reduction="none")
         return (fl * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) + 1.0)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     bce = (bce * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+    if kind == "bce":
+        return bce
     p = torch.sigmoid(logits) * weight
     t = target * weight
     dice = 1.0 - 2.0 * (p * t).flatten(1).sum(1) / ((p * p).flatten(1).sum(1) + (t * t).flatten(1).sum(1) + 1e-5)
