@@ -76,6 +76,10 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-neg-pw1": ("sim", "train.json", ["sim.pseudo_region=background", "sim.pseudo_weight=1.0"]),
     "sim-bce-pw0.75": ("sim", "train.json", ["sim.pseudo_loss=bce", "sim.pseudo_weight=0.75"]),
     "sim-pw0.75-ramp": ("sim", "train.json", ["sim.pseudo_weight=0.75", "sim.ramp_frac=0.3"]),
+    # the pairwise term without the pairs the pseudo label splits
+    "sim-cut": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true"]),
+    "sim-cut-bce-pw0.75": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pseudo_loss=bce",
+                                                 "sim.pseudo_weight=0.75"]),
 }
 
 

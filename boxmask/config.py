@@ -163,6 +163,10 @@ class SimConfig:
     student_aug: bool = False
     pairwise_feat_sim: bool = False  # code-only: colour x teacher-feature similarity in the pairwise term
     pairwise_feat_thresh: float = 0.1
+    # from the pseudo loss's switch-on, the pairwise term drops the neighbour pairs the pseudo label
+    # confidently splits (one pixel foreground, the other background): a colour-matched background region
+    # inside the box is then no longer pulled into the mask by its colour while the pseudo loss pushes it out
+    pairwise_pseudo_cut: bool = False
     # Online copy-paste (section 2.6): a FIFO bank of recent images with the teacher's paste masks, filled
     # after the warm-up; once full, each batch is pasted with probability paste_prob. The released code's
     # variant: bank_length=50 paste_fraction=0.5 paste_replacement=true paste_score_power=3.

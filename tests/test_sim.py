@@ -574,3 +574,64 @@ def test_instance_competition_makes_claimed_pixels_pseudo_background(synth_data)
     assert claimed.any(), "the synth batch has overlapping boxes"
     assert torch.equal(comp["target"], plain["target"] * ~claimed)
     assert torch.equal(comp["weight"], torch.where(claimed, torch.ones_like(plain["weight"]), plain["weight"]))
+
+
+def test_split_pairs_mark_confident_pairs_on_opposite_sides():
+    from boxmask.modeling.color import unfold_neighbours
+    from boxmask.modeling.sim.pseudo_loss import split_pairs
+
+    # one row: confident foreground | ignored | confident background
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]])
+    weight = torch.tensor([[[1.0, 1.0, 0.0, 1.0, 1.0, 1.0]]])
+    split = split_pairs(target, weight, size=3, dilation=1)
+    # the neighbour index of the right-hand neighbour (dy 0, dx +1) among the K = 8
+    right = 4
+    assert split[0, right, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # the ignored pixel splits nothing
+    wide = split_pairs(target, weight, size=3, dilation=2)
+    assert wide[0, right, 0].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # pixel 1 and pixel 3: fg | bg
+    # symmetric: a pair is split seen from either end, and pairs within a side never are
+    fg, bg = (target * weight)[:, None], ((1 - target) * weight)[:, None]
+    want = fg[:, 0, None] * unfold_neighbours(bg, 3, 2)[:, 0] + bg[:, 0, None] * unfold_neighbours(fg, 3, 2)[:, 0]
+    assert torch.equal(wide, want)
+    assert wide[0, 3, 0, 3] == 1.0  # pixel 3's left neighbour at dilation 2 is pixel 1
+
+
+def test_pairwise_pseudo_cut_leaves_out_the_pairs_the_pseudo_label_splits(synth_data):
+    """With sim.pairwise_pseudo_cut the pairwise term is BoxInst's over the pairs the pseudo label does not
+    confidently split; before the pseudo loss's switch-on the term is BoxInst's own."""
+    from boxmask.modeling import boxinst_loss
+    from boxmask.modeling.sim.pseudo_loss import split_pairs
+
+    sim, model, batch, aux, losses, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"])
+    lc = sim.cfg.loss
+    logits, box_masks = aux["mask_logits"], aux["box_masks"]
+    sim_img = aux["color_sim"][aux["inst"]["image"]]
+    args = (lc.pairwise_color_thresh, lc.pairwise_size, lc.pairwise_dilation)
+    plain = boxinst_loss.pairwise_loss(logits, sim_img, box_masks, *args)
+
+    def cut_loss(pm):
+        split = split_pairs(pm["target"][pm["group"]], pm["weight"][pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+        return boxinst_loss.pairwise_loss(logits, sim_img, box_masks, *args, 1.0 - split), split
+
+    pm = sim.pseudo_masks(batch, aux)
+    assert float(losses["loss_pairwise"].detach()) == pytest.approx(float(cut_loss(pm)[0].detach()), rel=1e-6)
+    # a pseudo label that splits every box into a foreground left half and a background right half
+    box = pm["box"]
+    cols = torch.arange(box.shape[-1], dtype=torch.float32)
+    left = box.flatten(1).new_zeros(box.shape[0], box.shape[-1])
+    for g in range(box.shape[0]):
+        xs = cols[box[g].amax(0) > 0]
+        left[g] = (cols <= xs.float().mean()).float() if len(xs) else 0.0
+    halves = {**pm, "target": box * left[:, None, :], "weight": box}
+    want, split = cut_loss(halves)
+    counted = (sim_img >= lc.pairwise_color_thresh) & (box_masks[:, None] > 0)
+    assert (split.bool() & counted).any()  # some colour pairs are cut
+    # (an untrained model's -log P(same) is about log 2 on every pair, so the gradients tell the terms apart)
+    def grad(loss):
+        return torch.autograd.grad(loss, logits, retain_graph=True)[0]
+
+    assert torch.allclose(grad(sim._pairwise(aux, halves, cut=True)), grad(want))
+    assert not torch.allclose(grad(want), grad(plain))
+    assert torch.allclose(grad(sim._pairwise(aux, halves, cut=False)), grad(plain))
+    _, _, _, _, before_on, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"], pseudo_on=False)
+    assert float(before_on["loss_pairwise"].detach()) == pytest.approx(float(plain.detach()), rel=1e-6)

@@ -47,11 +47,15 @@ def pairwise_loss(
     thresh: float = 0.3,
     size: int = 3,
     dilation: int = 2,
+    pair_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BoxInst's pairwise term, a scalar: -log P(same) averaged over the pairs whose colour
     similarity is >= ``thresh`` and whose centre pixel lies inside the instance's box.
 
-    ``color_sim``: [N, K, h, w] (each instance's image similarity); ``box_masks``: [N, h, w]."""
+    ``color_sim``: [N, K, h, w] (each instance's image similarity); ``box_masks``: [N, h, w];
+    ``pair_keep``: an optional [N, K, h, w] weight per pair (0 leaves a pair out)."""
     weights = (color_sim >= thresh).to(logits.dtype) * box_masks[:, None].to(logits.dtype)
+    if pair_keep is not None:
+        weights = weights * pair_keep.to(logits.dtype)
     log_same = pairwise_log_same(logits, size, dilation)
     return -(log_same * weights).sum() / weights.sum().clamp(min=1.0)

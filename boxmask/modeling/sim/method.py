@@ -21,7 +21,7 @@ from ..dynamic_mask_head import aligned_bilinear
 from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
-from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets, region_weight
+from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets, region_weight, split_pairs
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
@@ -152,8 +152,9 @@ class SIM(nn.Module):
             per_inst = pseudo_mask_loss(logits[:, 0], target, weight, s.pseudo_loss)
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
-        if s.pairwise_feat_sim:
-            out["loss_pairwise"] = self._feature_pairwise(aux, pm["teacher_feats"])
+        cut = s.pairwise_pseudo_cut and pseudo_on
+        if s.pairwise_feat_sim or cut:
+            out["loss_pairwise"] = self._pairwise(aux, pm, cut)
         if s.semantic and (pseudo_on or s.proto_from == "start"):
             with record_function("boxmask.sim.prototypes"):
                 self._update_prototypes(batch, aux, pm)
@@ -257,20 +258,26 @@ class SIM(nn.Module):
             self.bank.push(images[i, :, :h, :w], boxes[a:a + n], labels[a:a + n], masks[a:a + n, :h, :w], scores[a:a + n])
             a += n
 
-    def _feature_pairwise(self, aux: dict, f: torch.Tensor) -> torch.Tensor:
-        """The released code's pairwise term: colour x teacher-feature similarity >= threshold
-        (``f``: the teacher's mask features at mask resolution, not normalised)."""
-        lc = self.cfg.loss
+    def _pairwise(self, aux: dict, pm: dict, cut: bool) -> torch.Tensor:
+        """The pairwise term with SIM's options: ``sim.pairwise_feat_sim`` (the released code's colour x
+        teacher-feature similarity >= ``sim.pairwise_feat_thresh``) and ``cut`` (the pairs the pseudo label
+        confidently splits left out)."""
+        lc, s = self.cfg.loss, self.cfg.sim
         logits = aux["mask_logits"]
         box_masks = aux["box_masks"]
         if "has_mask" in aux:  # mask-supervised objects keep their GT Dice only, as with the colour term
             box_masks = box_masks * (~aux["has_mask"]).to(box_masks.dtype)[:, None, None]
-        diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
-        feat_sim = torch.exp(-torch.linalg.vector_norm(diff, dim=1))
-        sim = aux["color_sim"] * feat_sim
-        img = aux["inst"]["image"]
-        return boxinst_loss.pairwise_loss(logits, sim[img], box_masks, self.cfg.sim.pairwise_feat_thresh,
-                                          lc.pairwise_size, lc.pairwise_dilation)
+        sim, thresh = aux["color_sim"], lc.pairwise_color_thresh
+        if s.pairwise_feat_sim:
+            f = pm["teacher_feats"]  # the teacher's mask features at mask resolution, not normalised
+            diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
+            sim, thresh = sim * torch.exp(-torch.linalg.vector_norm(diff, dim=1)), s.pairwise_feat_thresh
+        keep = None
+        if cut:
+            keep = 1.0 - split_pairs(pm["target"][pm["group"]], pm["weight"][pm["group"]], lc.pairwise_size,
+                                     lc.pairwise_dilation)
+        return boxinst_loss.pairwise_loss(logits, sim[aux["inst"]["image"]], box_masks, thresh, lc.pairwise_size,
+                                          lc.pairwise_dilation, keep)
 
     @torch.no_grad()
     def _update_prototypes(self, batch: dict, aux: dict, pm: dict) -> None:

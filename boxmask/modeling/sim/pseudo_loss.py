@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
+from ..color import unfold_neighbours
+
 
 def fuse(m_s: torch.Tensor | None, m_i: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """P = (1 - alpha) M_S + alpha M_I (a missing map drops out)."""
@@ -35,6 +37,16 @@ def pseudo_targets(prob: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor
     target = (high & (box > 0)).float()
     weight = ((high | (prob < tau_low)) & (box > 0)).float()
     return target, weight
+
+
+def split_pairs(target: torch.Tensor, weight: torch.Tensor, size: int = 3, dilation: int = 2) -> torch.Tensor:
+    """[N, h, w] pseudo target and weight -> [N, K, h, w]: 1 where a pixel and its neighbour are both
+    confident and the pseudo label puts them on different sides (one foreground, one background)."""
+    fg = (target * weight)[:, None]
+    bg = ((1.0 - target) * weight)[:, None]
+    fg_n = unfold_neighbours(fg, size, dilation)[:, 0]
+    bg_n = unfold_neighbours(bg, size, dilation)[:, 0]
+    return fg[:, 0, None] * bg_n + bg[:, 0, None] * fg_n
 
 
 def region_weight(target: torch.Tensor, weight: torch.Tensor, region: str = "all") -> torch.Tensor:
