@@ -591,7 +591,7 @@ def test_split_pairs_mark_confident_pairs_on_opposite_sides():
     assert wide[0, right, 0].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # pixel 1 and pixel 3: fg | bg
     # symmetric: a pair is split seen from either end, and pairs within a side never are
     fg, bg = (target * weight)[:, None], ((1 - target) * weight)[:, None]
-    want = fg[:, 0, None] * unfold_neighbours(bg, 3, 2)[:, 0] + bg[:, 0, None] * unfold_neighbours(fg, 3, 2)[:, 0]
+    want = fg * unfold_neighbours(bg, 3, 2)[:, 0] + bg * unfold_neighbours(fg, 3, 2)[:, 0]
     assert torch.equal(wide, want)
     assert wide[0, 3, 0, 3] == 1.0  # pixel 3's left neighbour at dilation 2 is pixel 1
 

@@ -46,7 +46,7 @@ def split_pairs(target: torch.Tensor, weight: torch.Tensor, size: int = 3, dilat
     bg = ((1.0 - target) * weight)[:, None]
     fg_n = unfold_neighbours(fg, size, dilation)[:, 0]
     bg_n = unfold_neighbours(bg, size, dilation)[:, 0]
-    return fg[:, 0, None] * bg_n + bg[:, 0, None] * fg_n
+    return fg * bg_n + bg * fg_n  # [N, 1, h, w] broadcast over the K neighbours
 
 
 def region_weight(target: torch.Tensor, weight: torch.Tensor, region: str = "all") -> torch.Tensor:
