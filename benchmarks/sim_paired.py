@@ -80,6 +80,11 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-cut": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true"]),
     "sim-cut-bce-pw0.75": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pseudo_loss=bce",
                                                  "sim.pseudo_weight=0.75"]),
+    # the cut only where the teacher is sure of both sides (its fused map >= high and <= low)
+    "sim-cut-0.9-0.1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_high=0.9",
+                                              "sim.pairwise_cut_low=0.1"]),
+    "sim-cut-0.85-0.2": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_high=0.85",
+                                               "sim.pairwise_cut_low=0.2"]),
 }
 
 

@@ -167,6 +167,11 @@ class SimConfig:
     # confidently splits (one pixel foreground, the other background): a colour-matched background region
     # inside the box is then no longer pulled into the mask by its colour while the pseudo loss pushes it out
     pairwise_pseudo_cut: bool = False
+    # the cut's own confidence: a pair is left out only where the fused map is >= cut_high on the foreground
+    # side and <= cut_low on the background side (or a rival claims the pixel); the defaults take the pseudo
+    # label's thresholds as they are
+    pairwise_cut_high: float = 0.0
+    pairwise_cut_low: float = 1.0
     # Online copy-paste (section 2.6): a FIFO bank of recent images with the teacher's paste masks, filled
     # after the warm-up; once full, each batch is pasted with probability paste_prob. The released code's
     # variant: bank_length=50 paste_fraction=0.5 paste_replacement=true paste_score_power=3.
@@ -286,7 +291,8 @@ RANGES: dict[str, str] = {
     "sim.sinkhorn_iters": ">= 1", "sim.proto_momentum": "[0, 1)", "sim.mu": ">= 0", "sim.alpha": "[0, 1]",
     "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
     "sim.pseudo_weight": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
-    "sim.pairwise_feat_thresh": "[0, 1]", "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
+    "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
+    "sim.pairwise_cut_low": "[0, 1]", "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
     "sim.paste_fraction": "[0, 1]", "sim.paste_min": ">= 1", "sim.paste_max": ">= 1", "sim.paste_score_power": ">= 0",
     "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0", "sim.bg_prototypes": ">= 0", "sim.proto_erode": ">= 0",
     "sim.proto_confidence": "[0, 1)",
@@ -489,6 +495,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply_override(cfg, ov, touched)
     validate(cfg)
     _check_semantic_keys(cfg, touched)
+    _check_cut_keys(cfg, touched)
     cfg.user_keys = frozenset(touched)
     cfg.source = str(path or "")
     return cfg
@@ -509,6 +516,16 @@ def _check_semantic_keys(cfg: Config, touched: set[str]) -> None:
         raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
                           "act through the semantic map, which is off (sim.semantic=false, the default); add "
                           "sim.semantic=true to use them")
+
+
+def _check_cut_keys(cfg: Config, touched: set[str]) -> None:
+    """The cut's confidence keys act only with the cut: typed without it, refuse them."""
+    if cfg.method != "sim" or cfg.sim.pairwise_pseudo_cut:
+        return
+    idle = [k for k in ("sim.pairwise_cut_high", "sim.pairwise_cut_low") if k in touched]
+    if idle:
+        raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
+                          "act with sim.pairwise_pseudo_cut=true, which is off; add it to use them")
 
 
 def _yaml_chain(path: Path, depth: int = 0) -> list[dict]:

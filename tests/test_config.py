@@ -219,6 +219,14 @@ def test_user_keys_are_the_overridden_ones():
     assert "user_keys" not in __import__("boxmask.config", fromlist=["to_dict"]).to_dict(cfg)
 
 
+def test_cut_confidence_keys_are_refused_without_the_cut():
+    with pytest.raises(ConfigError, match=r"'sim\.pairwise_cut_high' only act with sim\.pairwise_pseudo_cut=true"):
+        load_config(None, ["method=sim", "sim.pairwise_cut_high=0.9"])
+    cfg = load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_high=0.9",
+                             "sim.pairwise_cut_low=0.1"])
+    assert (cfg.sim.pairwise_cut_high, cfg.sim.pairwise_cut_low) == (0.9, 0.1)
+
+
 def test_semantic_map_keys_are_refused_while_the_semantic_map_is_off():
     with pytest.raises(ConfigError, match=r"'sim\.num_prototypes', 'sim\.alpha' only act through the semantic map"):
         load_config(None, ["method=sim", "sim.num_prototypes=3", "sim.alpha=0.7"])

@@ -635,3 +635,49 @@ def test_pairwise_pseudo_cut_leaves_out_the_pairs_the_pseudo_label_splits(synth_
     assert torch.allclose(grad(sim._pairwise(aux, halves, cut=False)), grad(plain))
     _, _, _, _, before_on, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"], pseudo_on=False)
     assert float(before_on["loss_pairwise"].detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
+
+
+def test_cut_sides_keep_only_the_pairs_the_teacher_is_sure_of():
+    from boxmask.modeling.sim.pseudo_loss import cut_sides
+
+    # one row: pseudo fg at fused 0.95 and 0.75, pseudo bg at 0.05 and 0.35, one ignored, one claimed pixel
+    fused = torch.tensor([[[0.95, 0.75, 0.05, 0.35, 0.5, 0.9]]])
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]])
+    weight = torch.tensor([[[1.0, 1.0, 1.0, 1.0, 0.0, 1.0]]])
+    claimed = torch.tensor([[[False, False, False, False, False, True]]])
+    assert cut_sides(target, weight, fused, claimed) == (target, weight)  # the defaults: the pseudo label
+    fg, w = cut_sides(target, weight, fused, claimed, 0.9, 0.1)
+    assert fg[0, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert w[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]  # a claimed pixel stays certain background
+
+
+def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, monkeypatch):
+    """With the cut on past the switch-on, CondInst leaves the pairwise term to SIM (one computation per
+    step) and the step's term is the cut one; before the switch-on CondInst's colour term stands."""
+    from boxmask.modeling import boxinst_loss
+    from boxmask.modeling.sim.method import SIM
+
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
+                                            "sim.pairwise_pseudo_cut=true"])
+    batch, num_classes = _synth_batch(synth_data, cfg)
+    torch.manual_seed(0)
+    model = CondInst(cfg, num_classes).train()
+    sim = SIM(cfg, model, num_classes)
+    calls = []
+    real = boxinst_loss.pairwise_loss
+    monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    on = int(cfg.sim.warmup_frac * cfg.solver.max_iters) + 1
+    for it, switched in ((0, False), (on, True)):
+        calls.clear()
+        b = sim.prepare_batch(batch, it, 0)
+        assert b.get("pairwise_elsewhere", False) == switched
+        losses, aux = model(b, return_aux=True)
+        extra, stats = sim.losses(b, aux, pseudo_on=switched)
+        assert len(calls) == 1
+        assert ("pairwise_cut" in stats) == switched and (not switched or 0.0 <= float(stats["pairwise_cut"]) < 1.0)
+        if switched:
+            pm = sim.pseudo_masks(b, aux)
+            want = sim._pairwise(aux, pm, cut=True)
+            assert float(extra["loss_pairwise"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+        else:
+            assert "loss_pairwise" not in extra and float(losses["loss_pairwise"].detach()) > 0

@@ -214,10 +214,11 @@ class CondInst(nn.Module):
             if box_only is not None:
                 lg, bm, img = lg[box_only], bm[box_only], img[box_only]
             out["loss_proj"] = boxinst_loss.projection_loss(lg.sigmoid()[:, 0], bm).mean()
-            out["loss_pairwise"] = boxinst_loss.pairwise_loss(
-                lg, sim[img], bm, self.cfg.loss.pairwise_color_thresh,
-                self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation,
-            )
+            if not batch.get("pairwise_elsewhere", False):  # else a method (SIM) computes its own variant
+                out["loss_pairwise"] = boxinst_loss.pairwise_loss(
+                    lg, sim[img], bm, self.cfg.loss.pairwise_color_thresh,
+                    self.cfg.loss.pairwise_size, self.cfg.loss.pairwise_dilation,
+                )
         if has_mask is not None:
             out["loss_mask"] = zero
             if has_mask.any():

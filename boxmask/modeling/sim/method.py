@@ -17,11 +17,13 @@ from ...config import Config
 from .. import boxinst_loss
 from ..color import unfold_neighbours
 from ..condinst import CondInst, box_cells, gt_masks_on_grid
+from ..criterion import sim_switched_on
 from ..dynamic_mask_head import aligned_bilinear
 from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
-from .pseudo_loss import adaptive_high_threshold, fuse, pseudo_mask_loss, pseudo_targets, region_weight, split_pairs
+from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, pseudo_mask_loss, pseudo_targets, region_weight,
+                          split_pairs)
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
@@ -62,8 +64,13 @@ class SIM(nn.Module):
     def prepare_batch(self, batch: dict, iteration: int, seed: int) -> dict:
         """What a training step learns from: the batch after copy-paste and, with ``student_aug``, with a
         strongly augmented copy of its images under ``student_images`` (what the student sees; ``images``
-        stay clean for the teacher and the colour affinities). A pure function of (seed, iteration, rank)."""
+        stay clean for the teacher and the colour affinities), flagged ``pairwise_elsewhere`` when SIM computes
+        the pairwise term itself this step. A pure function of (seed, iteration, rank)."""
         batch = self.copy_paste(batch, iteration, seed)
+        s = self.cfg.sim
+        if s.pairwise_feat_sim or (s.pairwise_pseudo_cut and sim_switched_on(self.cfg, iteration)):
+            # SIM's own pairwise term replaces the colour one this step (losses()): CondInst skips its own
+            batch = {**batch, "pairwise_elsewhere": True}
         if self.cfg.sim.student_aug:
             # a string seed is hashed (sha512), not Python's per-process hash: the same draw in every run
             rng = random.Random(f"student_aug/{seed}/{iteration}/{_rank()}")
@@ -115,6 +122,7 @@ class SIM(nn.Module):
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
+        claimed = None
         if s.instance_competition:
             claimed = claimed_by_rivals(m_i, box, g_img, batch["images"].shape[0], s.fg_thresh)
             target, weight = target.masked_fill(claimed, 0.0), weight.masked_fill(claimed, 1.0)
@@ -130,7 +138,7 @@ class SIM(nn.Module):
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
         out.update({"groups": groups, "group": group, "has_pos": has_pos, "image": g_img, "cls": g_cls, "box": box,
                     "m_i": m_i, "m_s": m_s, "fused": fused, "target": target, "weight": weight, "tau_high": tau_high,
-                    "student": student, "teacher_feats": t_feats, "teacher_z": z_t})
+                    "student": student, "teacher_feats": t_feats, "teacher_z": z_t, "claimed": claimed})
         return out
 
     def losses(self, batch: dict, aux: dict, pseudo_on: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -153,8 +161,8 @@ class SIM(nn.Module):
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         cut = s.pairwise_pseudo_cut and pseudo_on
-        if s.pairwise_feat_sim or cut:
-            out["loss_pairwise"] = self._pairwise(aux, pm, cut)
+        if s.pairwise_feat_sim or cut or batch.get("pairwise_elsewhere", False):
+            out["loss_pairwise"] = self._pairwise(aux, pm, cut, stats)
         if s.semantic and (pseudo_on or s.proto_from == "start"):
             with record_function("boxmask.sim.prototypes"):
                 self._update_prototypes(batch, aux, pm)
@@ -258,10 +266,10 @@ class SIM(nn.Module):
             self.bank.push(images[i, :, :h, :w], boxes[a:a + n], labels[a:a + n], masks[a:a + n, :h, :w], scores[a:a + n])
             a += n
 
-    def _pairwise(self, aux: dict, pm: dict, cut: bool) -> torch.Tensor:
+    def _pairwise(self, aux: dict, pm: dict, cut: bool, stats: dict | None = None) -> torch.Tensor:
         """The pairwise term with SIM's options: ``sim.pairwise_feat_sim`` (the released code's colour x
         teacher-feature similarity >= ``sim.pairwise_feat_thresh``) and ``cut`` (the pairs the pseudo label
-        confidently splits left out)."""
+        confidently splits left out; ``stats["pairwise_cut"]``: the share of the term's pairs it leaves out)."""
         lc, s = self.cfg.loss, self.cfg.sim
         logits = aux["mask_logits"]
         box_masks = aux["box_masks"]
@@ -274,8 +282,13 @@ class SIM(nn.Module):
             sim, thresh = sim * torch.exp(-torch.linalg.vector_norm(diff, dim=1)), s.pairwise_feat_thresh
         keep = None
         if cut:
-            keep = 1.0 - split_pairs(pm["target"][pm["group"]], pm["weight"][pm["group"]], lc.pairwise_size,
-                                     lc.pairwise_dilation)
+            target, weight = cut_sides(pm["target"], pm["weight"], pm["fused"], pm["claimed"], s.pairwise_cut_high,
+                                       s.pairwise_cut_low)
+            keep = 1.0 - split_pairs(target[pm["group"]], weight[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+            if stats is not None:
+                with torch.no_grad():
+                    counted = (sim[aux["inst"]["image"]] >= thresh).float() * box_masks[:, None]
+                    stats["pairwise_cut"] = (counted * (1.0 - keep)).sum() / counted.sum().clamp_min(1.0)
         return boxinst_loss.pairwise_loss(logits, sim[aux["inst"]["image"]], box_masks, thresh, lc.pairwise_size,
                                           lc.pairwise_dilation, keep)
 

@@ -49,6 +49,20 @@ def split_pairs(target: torch.Tensor, weight: torch.Tensor, size: int = 3, dilat
     return fg * bg_n + bg * fg_n  # [N, 1, h, w] broadcast over the K neighbours
 
 
+def cut_sides(target: torch.Tensor, weight: torch.Tensor, fused: torch.Tensor, claimed: torch.Tensor | None,
+              high: float = 0.0, low: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pseudo target and weight the pairwise cut uses: foreground where the pseudo label's is and the
+    fused map is >= ``high``; background where the pseudo label's is and the map is <= ``low``, or where a
+    rival claims the pixel (``claimed``). The defaults (0, 1) return the pseudo label as it is."""
+    if high <= 0.0 and low >= 1.0:
+        return target, weight
+    fg = target * weight * (fused >= high)
+    bg = (1.0 - target) * weight * (fused <= low)
+    if claimed is not None:
+        bg = torch.maximum(bg, claimed.to(bg.dtype) * weight)
+    return fg, fg + bg
+
+
 def region_weight(target: torch.Tensor, weight: torch.Tensor, region: str = "all") -> torch.Tensor:
     """The weight restricted to the supervised region: ``all`` keeps it, ``background`` keeps only the
     confident pixels the pseudo label makes background."""
