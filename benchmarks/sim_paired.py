@@ -85,6 +85,9 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
                                               "sim.pairwise_cut_low=0.1"]),
     "sim-cut-0.85-0.2": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_high=0.85",
                                                "sim.pairwise_cut_low=0.2"]),
+    # the cut only in the objects where it leaves out at least 0.5% / 1% of the pairwise term's pairs
+    "sim-cut-share0.005": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_min_share=0.005"]),
+    "sim-cut-share0.01": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_min_share=0.01"]),
 }
 
 

@@ -681,3 +681,31 @@ def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, mon
             assert float(extra["loss_pairwise"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
         else:
             assert "loss_pairwise" not in extra and float(losses["loss_pairwise"].detach()) > 0
+
+
+def test_pairwise_cut_min_share_cuts_only_the_objects_above_it(synth_data, monkeypatch):
+    """sim.pairwise_cut_min_share: an instance whose share of cut pairs is below it keeps every pair."""
+    from boxmask.modeling import boxinst_loss
+    from boxmask.modeling.sim.pseudo_loss import split_pairs
+
+    sim, _, batch, aux, _, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"])
+    lc = sim.cfg.loss
+    pm = sim.pseudo_masks(batch, aux)
+    # a pseudo label with the left third of each box foreground: every instance has some split pairs
+    box = pm["box"]
+    cols = torch.arange(box.shape[-1], dtype=torch.float32)
+    left = torch.stack([(cols <= (cols[b.amax(0) > 0].min() + 2 if (b > 0).any() else -1)).float() for b in box])
+    halves = {**pm, "target": box * left[:, None, :], "weight": box}
+    split = split_pairs(halves["target"][pm["group"]], box[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+    counted = (aux["color_sim"][aux["inst"]["image"]] >= lc.pairwise_color_thresh).float() * aux["box_masks"][:, None]
+    share = (counted * split).flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1.0)
+    t = float(share.median())
+    assert (share < t).any() and (share >= t).any()
+    seen = {}
+    real = boxinst_loss.pairwise_loss
+    monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: seen.update(keep=a[6]) or real(*a, **k))
+    sim.cfg.sim.pairwise_cut_min_share = t
+    sim._pairwise(aux, halves, cut=True)
+    above = share >= t
+    assert torch.equal(seen["keep"][~above], torch.ones_like(seen["keep"][~above]))
+    assert torch.equal(seen["keep"][above], 1.0 - split[above])

@@ -284,11 +284,14 @@ class SIM(nn.Module):
         if cut:
             target, weight = cut_sides(pm["target"], pm["weight"], pm["fused"], pm["claimed"], s.pairwise_cut_high,
                                        s.pairwise_cut_low)
-            keep = 1.0 - split_pairs(target[pm["group"]], weight[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+            split = split_pairs(target[pm["group"]], weight[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+            counted = (sim[aux["inst"]["image"]] >= thresh).float() * box_masks[:, None]
+            if s.pairwise_cut_min_share > 0:  # per instance: the share of its pairs the cut would leave out
+                share = (counted * split).flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1.0)
+                split = split * (share >= s.pairwise_cut_min_share).to(split.dtype)[:, None, None, None]
+            keep = 1.0 - split
             if stats is not None:
-                with torch.no_grad():
-                    counted = (sim[aux["inst"]["image"]] >= thresh).float() * box_masks[:, None]
-                    stats["pairwise_cut"] = (counted * (1.0 - keep)).sum() / counted.sum().clamp_min(1.0)
+                stats["pairwise_cut"] = (counted * split).sum() / counted.sum().clamp_min(1.0)
         return boxinst_loss.pairwise_loss(logits, sim[aux["inst"]["image"]], box_masks, thresh, lc.pairwise_size,
                                           lc.pairwise_dilation, keep)
 
