@@ -88,6 +88,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     # the cut only in the objects where it leaves out at least 0.5% / 1% of the pairwise term's pairs
     "sim-cut-share0.005": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_min_share=0.005"]),
     "sim-cut-share0.01": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_min_share=0.01"]),
+    # copy-paste on every batch once the bank is full (copy-paste alone gains on plain objects), alone and
+    # with the cut
+    "sim-paste1": ("sim", "train.json", ["sim.paste_prob=1.0"]),
+    "sim-cut-paste1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.paste_prob=1.0"]),
+    # the fused map's value as the pseudo loss's target instead of M_hat's 0/1
+    "sim-soft": ("sim", "train.json", ["sim.pseudo_target=soft"]),
 }
 
 
@@ -129,6 +135,24 @@ def _finished(out: Path, iters: int) -> bool:
         return False
     recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     return any(r.get("type") == "train" and r.get("iteration") == iters for r in recs) and (out / "last_checkpoint").is_file()
+
+
+def reuse_scores(path: Path, work: Path, args) -> None:
+    """Copy the scored runs of an earlier results json into ``work`` (as ARM_sSEED.json, never over a run
+    of this benchmark), after checking that it measured the same thing: data, budget, batch and config."""
+    stored = json.loads(path.read_text())
+    meta = stored["meta"]
+    same = {"images_seen": args.images_seen, "batch": args.batch, "num_train": args.num_train,
+            "num_val": args.num_val, "size": args.size, "data_seed": args.data_seed, "overrides": args.overrides,
+            "config": Path(args.config).name}
+    theirs = {**{k: meta.get(k) for k in same}, "config": Path(meta.get("config", "")).name}
+    if theirs != same:
+        raise SystemExit(f"{path}: measured {theirs}, this benchmark {same}: not reused")
+    for arm, by_seed in stored["runs"].items():
+        for seed, res in by_seed.items():
+            dst = work / f"{arm}_s{int(seed)}.json"
+            if not dst.is_file():
+                dst.write_text(json.dumps({**res, "reused_from": str(path)}, indent=2))
 
 
 def score_run(out: Path, data: Path) -> dict:
@@ -247,6 +271,9 @@ def main() -> None:
     ap.add_argument("--summary-only", action="store_true", help="rebuild the tables from the runs already scored")
     ap.add_argument("--train-only", action="store_true", help="train the runs, score nothing")
     ap.add_argument("--score-only", action="store_true", help="score the finished runs, train nothing")
+    ap.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
+                    help="take the runs stored in an earlier results json (benchmarks/results/NAME.json) as scored "
+                         "runs of this benchmark where it has none of its own (same data, budget and config only)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every arm")
     args = ap.parse_args()
     arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
@@ -257,6 +284,8 @@ def main() -> None:
     make_data(data, args.num_train, args.num_val, args.size, args.data_seed)
     work = ROOT / "work" / "paired" / args.name
     work.mkdir(parents=True, exist_ok=True)
+    for path in args.reuse:
+        reuse_scores(Path(path), work, args)
     if not args.summary_only:
         # seed-major order: every arm of a seed before the next seed, so a stopped benchmark stays paired
         for seed in seeds:

@@ -156,6 +156,9 @@ class SimConfig:
     # which of the box's confident pixels the pseudo loss supervises: all (paper) | background (only those
     # the pseudo label makes background: the box's foreground is left to the projection and pairwise terms)
     pseudo_region: str = "all"
+    # what the pseudo loss pulls those pixels to: hard = M_hat's 0/1 (paper) | soft = the fused map's value
+    # there (0 where a rival claims the pixel), a distillation target that keeps the teacher's confidence
+    pseudo_target: str = "hard"
     warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
     ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
     # Teacher asymmetry: the student's input gets strong photometric augmentation (colour jitter, grayscale,
@@ -265,6 +268,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sim.weighting": ("iou", "mean"),
     "sim.pseudo_loss": ("bce_dice", "bce", "focal"),
     "sim.pseudo_region": ("all", "background"),
+    "sim.pseudo_target": ("hard", "soft"),
     "sim.proto_from": ("start", "switch_on"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.scheduler": ("step", "cosine"),

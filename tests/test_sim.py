@@ -709,3 +709,35 @@ def test_pairwise_cut_min_share_cuts_only_the_objects_above_it(synth_data, monke
     above = share >= t
     assert torch.equal(seen["keep"][~above], torch.ones_like(seen["keep"][~above]))
     assert torch.equal(seen["keep"][above], 1.0 - split[above])
+
+
+def test_soft_targets_keep_the_fused_value_in_the_box_and_zero_where_claimed():
+    from boxmask.modeling.sim.pseudo_loss import soft_targets
+
+    prob = torch.tensor([[[0.9, 0.3, 0.1, 0.8, 1.2]]])
+    box = torch.tensor([[[1.0, 1.0, 1.0, 1.0, 0.0]]])
+    claimed = torch.tensor([[[False, False, False, True, False]]])
+    assert torch.allclose(soft_targets(prob, box), torch.tensor([[[0.9, 0.3, 0.1, 0.8, 0.0]]]))
+    assert torch.allclose(soft_targets(prob, box, claimed), torch.tensor([[[0.9, 0.3, 0.1, 0.0, 0.0]]]))
+    # BCE against a soft target is smallest where the student's probability equals it
+    target = soft_targets(prob, box, claimed)[:, :, :4]
+    weight = torch.ones_like(target)
+    at = pseudo_mask_loss(torch.logit(target.clamp(1e-4, 1 - 1e-4)), target, weight, "bce")
+    off = pseudo_mask_loss(torch.logit(target.clamp(1e-4, 1 - 1e-4)) + 0.5, target, weight, "bce")
+    assert at.item() < off.item()
+
+
+def test_soft_pseudo_target_is_the_fused_map_on_the_confident_pixels(synth_data):
+    # the untrained teacher's maps are near 0.5: thresholds at 0.5 make every box pixel confident
+    competition = ["sim.instance_competition=true", "sim.tau_low=0.5", "sim.tau_high_min=0.5", "sim.tau_high_max=0.5"]
+    sim, _, batch, aux, *_ = _sim_step(synth_data, [*competition, "sim.pseudo_target=soft"], semantic=False)
+    pm = sim.pseudo_masks(batch, aux)
+    assert pm["claimed"].any(), "the synth batch has overlapping boxes"
+    want = (pm["fused"] * (pm["box"] > 0)).masked_fill(pm["claimed"], 0.0)
+    assert torch.equal(pm["loss_target"], want)
+    assert not torch.equal(pm["loss_target"], pm["target"])
+    # the hard default trains on M_hat itself, and the loss differs between the two
+    sim_h, _, batch_h, aux_h, losses_h, *_ = _sim_step(synth_data, competition, semantic=False)
+    assert torch.equal(sim_h.pseudo_masks(batch_h, aux_h)["loss_target"], pm["target"])
+    _, _, _, _, losses_s, *_ = _sim_step(synth_data, [*competition, "sim.pseudo_target=soft"], semantic=False)
+    assert losses_s["loss_pseudo"].item() != pytest.approx(losses_h["loss_pseudo"].item())

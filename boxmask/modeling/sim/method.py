@@ -23,7 +23,7 @@ from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
 from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, pseudo_mask_loss, pseudo_targets, region_weight,
-                          split_pairs)
+                          soft_targets, split_pairs)
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
@@ -126,6 +126,8 @@ class SIM(nn.Module):
         if s.instance_competition:
             claimed = claimed_by_rivals(m_i, box, g_img, batch["images"].shape[0], s.fg_thresh)
             target, weight = target.masked_fill(claimed, 0.0), weight.masked_fill(claimed, 1.0)
+        # what the pseudo loss pulls the confident pixels to: M_hat, or the fused map itself
+        loss_target = soft_targets(fused, box, claimed) if s.pseudo_target == "soft" else target
         # the teacher's own maps, before mask-supervised objects take their GT (what the GT can measure)
         out = {"teacher_m_i": m_i, "pseudo_target": target, "pseudo_weight": weight}
         g_has = aux.get("object_has_mask")
@@ -134,10 +136,12 @@ class SIM(nn.Module):
             gt = gt_masks_on_grid(batch, self.cfg.model.mask_out_stride, (h, w)).float() * box
             sel = g_has[:, None, None]
             m_i, target, weight = torch.where(sel, gt, m_i), torch.where(sel, gt, target), torch.where(sel, box, weight)
+            loss_target = torch.where(sel, gt, loss_target)
             out["gt"] = gt
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
         out.update({"groups": groups, "group": group, "has_pos": has_pos, "image": g_img, "cls": g_cls, "box": box,
                     "m_i": m_i, "m_s": m_s, "fused": fused, "target": target, "weight": weight, "tau_high": tau_high,
+                    "loss_target": loss_target,
                     "student": student, "teacher_feats": t_feats, "teacher_z": z_t, "claimed": claimed})
         return out
 
@@ -157,7 +161,7 @@ class SIM(nn.Module):
         if pseudo_on and s.pseudo_weight > 0:
             target = pm["target"][pm["group"]]
             weight = region_weight(target, pm["weight"][pm["group"]], s.pseudo_region)
-            per_inst = pseudo_mask_loss(logits[:, 0], target, weight, s.pseudo_loss)
+            per_inst = pseudo_mask_loss(logits[:, 0], pm["loss_target"][pm["group"]], weight, s.pseudo_loss)
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         cut = s.pairwise_pseudo_cut and pseudo_on

@@ -39,6 +39,14 @@ def pseudo_targets(prob: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor
     return target, weight
 
 
+def soft_targets(prob: torch.Tensor, box: torch.Tensor, claimed: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused map itself as the pseudo loss's target on the confident pixels (a distillation target that
+    keeps the teacher's confidence at the boundary, where M_hat's 0/1 rounds it): its value inside the box,
+    0 outside it and where a rival claims the pixel (instance competition)."""
+    soft = prob.clamp(0.0, 1.0) * (box > 0)
+    return soft if claimed is None else soft.masked_fill(claimed, 0.0)
+
+
 def split_pairs(target: torch.Tensor, weight: torch.Tensor, size: int = 3, dilation: int = 2) -> torch.Tensor:
     """[N, h, w] pseudo target and weight -> [N, K, h, w]: 1 where a pixel and its neighbour are both
     confident and the pseudo label puts them on different sides (one foreground, one background)."""
