@@ -94,6 +94,9 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-cut-paste1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.paste_prob=1.0"]),
     # the fused map's value as the pseudo loss's target instead of M_hat's 0/1
     "sim-soft": ("sim", "train.json", ["sim.pseudo_target=soft"]),
+    # the self-training stage from 20% of the schedule instead of the preset's 40%
+    "sim-early": ("sim", "train.json", ["sim.warmup_frac=0.2"]),
+    "sim-cut-early": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2"]),
 }
 
 
