@@ -1,0 +1,156 @@
+"""Which colour-linked neighbour pairs pull a box's background into the mask, and can SIM's signals tell
+them from the pairs inside one side? A probe on trained SIM runs.
+
+    python benchmarks/pairwise_probe.py --runs RUN [RUN ...] --data DATA
+
+BoxInst's pairwise term pulls two neighbours (3 x 3, dilation 2, on the mask grid) towards one label when
+their colours are alike. On a near-colour object some of those pairs cross the true boundary: they are what
+drags a colour-matched background region into the mask. SIM can only undo that where it can tell such a
+pair from a pair inside one side. Per object split, over the colour-linked in-box pairs of the val objects
+(GT masks as the judge; the model and SIM see boxes only):
+
+* ``gt_split``: the share of the pairs that cross the GT boundary (the harmful links);
+* the pairwise cut (``sim.pairwise_pseudo_cut``): how many pairs the pseudo label splits, and how many of
+  those the GT splits too (``cut_right``) or not (``cut_wrong``, a pair inside one side left out);
+* the teacher's feature similarity (cosine of its normalised mask features, as a feature-gated affinity
+  would use it): for each threshold, the share of GT-crossing pairs and of same-side pairs below it. A
+  signal that separates the two removes many more of the first than of the second.
+
+Results: benchmarks/results/pairwise_probe.{json,md}. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from boxmask.data.batch import EvalDataset, boxes_only, collate  # noqa: E402
+from boxmask.data.coco import CocoDataset  # noqa: E402
+from boxmask.engine.trainer import model_from_checkpoint, sim_from_checkpoint  # noqa: E402
+from boxmask.evaluation.sim_maps import object_splits  # noqa: E402
+from boxmask.modeling.color import unfold_neighbours  # noqa: E402
+from boxmask.modeling.condinst import gt_masks_on_grid  # noqa: E402
+from boxmask.modeling.sim.pseudo_loss import split_pairs  # noqa: E402
+
+THRESHOLDS = (0.2, 0.4, 0.6)
+COUNTS = ("linked", "gt_split", "cut", "cut_right", "cut_wrong")
+
+
+def pair_counts(linked: torch.Tensor, gt_split: torch.Tensor, cut: torch.Tensor, cos: torch.Tensor,
+                thresholds=THRESHOLDS) -> dict[str, float]:
+    """Counts over one object's neighbour pairs (each [K, h, w], booleans but ``cos``): the colour-linked
+    in-box pairs, those the GT splits, those the pseudo label splits (right or wrong by the GT), and per
+    threshold the GT-split and same-side linked pairs whose feature cosine is below it."""
+    out = {"linked": int(linked.sum()), "gt_split": int((linked & gt_split).sum()),
+           "cut": int((linked & cut).sum()), "cut_right": int((linked & cut & gt_split).sum()),
+           "cut_wrong": int((linked & cut & ~gt_split).sum())}
+    for t in thresholds:
+        low = cos < t
+        out[f"cos<{t}:gt_split"] = int((linked & gt_split & low).sum())
+        out[f"cos<{t}:same_side"] = int((linked & ~gt_split & low).sum())
+    return out
+
+
+def probe_run(run: Path, data: Path, max_images: int) -> dict[str, dict[str, float]]:
+    """Per split, the pair counts summed over the val objects with positives (the first ``max_images``)."""
+    model, state = model_from_checkpoint(run, "cpu")
+    sim = sim_from_checkpoint(model, state)
+    if sim is None:
+        raise SystemExit(f"{run}: not a SIM run (the probe needs its teacher and pseudo labels)")
+    cfg = model.cfg
+    sim.cfg.sim.pairwise_feat_sim = True  # so pseudo_masks keeps the teacher's features (nothing else changes)
+    lc = cfg.loss
+    ds = CocoDataset(data / "val.json", data / "images")
+    samples = EvalDataset(ds, cfg.data.min_size_test, cfg.data.max_size, with_targets=True)
+    if 0 < max_images < len(samples):
+        samples = Subset(samples, range(max_images))
+    loader = DataLoader(samples, batch_size=4,
+                        collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility))
+    totals: dict[str, dict[str, float]] = {}
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            anns = [a for i in batch["image_ids"] for a in ds.annotations[i] if not a.get("iscrowd", 0)]
+            splits, _ = object_splits(anns)
+            no_masks = boxes_only(batch)
+            _, aux = model.forward_train(no_masks, return_aux=True)
+            if aux["inst"]["image"].numel() == 0:
+                continue
+            h, w = aux["mask_logits"].shape[-2:]
+            pm = sim.pseudo_masks(no_masks, aux)
+            in_box = pm["box"] > 0
+            gt = gt_masks_on_grid(batch, cfg.model.mask_out_stride, (h, w)).float() * in_box
+            size, dil = lc.pairwise_size, lc.pairwise_dilation
+            cut = split_pairs(pm["target"], pm["weight"], size, dil).expand(-1, size * size - 1, -1, -1) > 0
+            gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
+            linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
+            z = F.normalize(pm["teacher_feats"][pm["image"]], dim=1)
+            cos = (z[:, :, None] * unfold_neighbours(z, size, dil)).sum(1)
+            for g in torch.nonzero(pm["has_pos"]).flatten().tolist():
+                counts = pair_counts(linked[g], gt_split[g], cut[g], cos[g])
+                for name in splits[g]:
+                    acc = totals.setdefault(name, {"objects": 0})
+                    acc["objects"] += 1
+                    for k, v in counts.items():
+                        acc[k] = acc.get(k, 0) + v
+    return totals
+
+
+def shares(c: dict[str, float]) -> dict[str, float]:
+    """The counts as the shares the markdown table shows."""
+    same = c["linked"] - c["gt_split"]
+    out = {"gt_split": c["gt_split"] / max(c["linked"], 1), "cut_right": c["cut_right"] / max(c["cut"], 1),
+           "cut_catches": c["cut_right"] / max(c["gt_split"], 1)}
+    for t in THRESHOLDS:
+        out[f"cos<{t}"] = (c[f"cos<{t}:gt_split"] / max(c["gt_split"], 1), c[f"cos<{t}:same_side"] / max(same, 1))
+    return out
+
+
+def to_markdown(results: dict, data: Path) -> str:
+    lines = ["# Colour-linked pairs across the true boundary, and what SIM's signals make of them", "",
+             f"Val objects of `{data.name}`, GT masks as the judge. Pairs: the colour-linked in-box neighbour pairs "
+             "of BoxInst's pairwise term. *crossing*: share of them the GT splits (what pulls background into "
+             "the mask); *cut right*: share of the pseudo label's cut that the GT splits too; *cut catches*: "
+             "share of the crossing pairs the cut leaves out; *cos < t*: share of the crossing pairs / of the "
+             "same-side pairs whose teacher-feature cosine is below t.", ""]
+    for run, by_split in results.items():
+        lines += [f"## {run}", "", "| split | objects | pairs | crossing | cut right | cut catches | "
+                  + " | ".join(f"cos < {t}" for t in THRESHOLDS) + " |", "|---|" + "---|" * (5 + len(THRESHOLDS))]
+        for split, c in by_split.items():
+            s = shares(c)
+            gates = " | ".join(f"{s[f'cos<{t}'][0]:.2f} / {s[f'cos<{t}'][1]:.2f}" for t in THRESHOLDS)
+            lines.append(f"| {split} | {c['objects']} | {c['linked']} | {s['gt_split']:.3f} | {s['cut_right']:.2f} | "
+                         f"{s['cut_catches']:.2f} | {gates} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="SIM run folders")
+    ap.add_argument("--data", required=True, help="a `boxmask synth --kind textured` folder (val.json with masks)")
+    ap.add_argument("--max-images", type=int, default=0, help="the first N val images (0: all)")
+    ap.add_argument("--results", default=str(ROOT / "results"), help="folder for pairwise_probe.json and .md")
+    args = ap.parse_args()
+    data = Path(args.data)
+    results = {Path(r).name: probe_run(Path(r), data, args.max_images) for r in args.runs}
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pairwise_probe.json").write_text(json.dumps({"data": str(data), "thresholds": THRESHOLDS,
+                                                         "results": results}, indent=2))
+    md = to_markdown(results, data)
+    (out / "pairwise_probe.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
