@@ -1,5 +1,4 @@
 """benchmarks/pairwise_probe.py: its counts on a hand-made case, and a run end to end on a tiny SIM model."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,22 +9,16 @@ import torch
 
 from boxmask.cli import main
 
+from . import benchmark_scripts
 from .test_end_to_end import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("pairwise_probe", REPO / "benchmarks" / "pairwise_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_pair_counts_on_a_hand_made_case():
     """Four pairs: two cross the GT boundary (one of them cut, with dissimilar features), two lie inside
     one side (one of them wrongly cut); one more pair is not colour-linked and counts nowhere."""
-    probe = _probe_module()
+    probe = benchmark_scripts.load("pairwise_probe")
     linked = torch.tensor([True, True, True, True, False])
     gt_split = torch.tensor([True, True, False, False, True])
     cut = torch.tensor([True, False, True, False, True])

@@ -1,5 +1,4 @@
 """benchmarks/semantic_probe.py: its AUCs on a hand-made case, and a run end to end on a tiny model."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,23 +11,17 @@ import torch.nn.functional as F
 
 from boxmask.cli import main
 
+from . import benchmark_scripts
 from .test_end_to_end import TINY
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("semantic_probe", REPO / "benchmarks" / "semantic_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_oracle_prototypes_on_a_hand_made_case():
     """Foreground features point one way, the box's background (and the outside) another: M_S ranks
     perfectly (AUC 1); M_I is a blurred copy of the GT mask with one background pixel above every
     foreground pixel."""
-    probe = _probe_module()
+    probe = benchmark_scripts.load("semantic_probe")
     fg_dir, bg_dir = F.normalize(torch.tensor([1.0, 0.2, 0.0]), dim=0), F.normalize(torch.tensor([0.0, 0.3, 1.0]), dim=0)
     images, objects = [], []
     for k in range(4):  # images 0-1 fit the prototypes, 2-3 are measured
