@@ -97,6 +97,9 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     # the self-training stage from 20% of the schedule instead of the preset's 40%
     "sim-early": ("sim", "train.json", ["sim.warmup_frac=0.2"]),
     "sim-cut-early": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2"]),
+    "sim-cut-w0.1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.1"]),
+    "sim-cut-early-0.9-0.1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
+                                                    "sim.pairwise_cut_high=0.9", "sim.pairwise_cut_low=0.1"]),
 }
 
 
