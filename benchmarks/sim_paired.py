@@ -98,12 +98,10 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "sim-early": ("sim", "train.json", ["sim.warmup_frac=0.2"]),
     "sim-cut-early": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2"]),
     "sim-cut-w0.1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.1"]),
-    # the early cut only in objects where it leaves out at least 1% / 2% of the pairs (plain objects: 0.3% on
+    # the early cut only in objects where it leaves out at least 1% of the pairs (plain objects: 0.3% on
     # average, near-colour ones 3.5%; pairwise_probe.md)
     "sim-cut-early-share0.01": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
                                                       "sim.pairwise_cut_min_share=0.01"]),
-    "sim-cut-early-share0.02": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
-                                                      "sim.pairwise_cut_min_share=0.02"]),
     "sim-cut-early-0.9-0.1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
                                                     "sim.pairwise_cut_high=0.9", "sim.pairwise_cut_low=0.1"]),
 }
