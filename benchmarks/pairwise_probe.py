@@ -108,8 +108,8 @@ def probe_run(run: Path, data: Path, max_images: int) -> dict[str, dict[str, flo
 def shares(c: dict[str, float]) -> dict[str, float]:
     """The counts as the shares the markdown table shows."""
     same = c["linked"] - c["gt_split"]
-    out = {"gt_split": c["gt_split"] / max(c["linked"], 1), "cut": c["cut"] / max(c["linked"], 1), "cut_right": c["cut_right"] / max(c["cut"], 1),
-           "cut_catches": c["cut_right"] / max(c["gt_split"], 1)}
+    out = {"gt_split": c["gt_split"] / max(c["linked"], 1), "cut": c["cut"] / max(c["linked"], 1),
+           "cut_right": c["cut_right"] / max(c["cut"], 1), "cut_catches": c["cut_right"] / max(c["gt_split"], 1)}
     for t in THRESHOLDS:
         out[f"cos<{t}"] = (c[f"cos<{t}:gt_split"] / max(c["gt_split"], 1), c[f"cos<{t}:same_side"] / max(same, 1))
     return out
@@ -119,8 +119,8 @@ def to_markdown(results: dict, data: Path) -> str:
     lines = ["# Colour-linked pairs across the true boundary, and what SIM's signals make of them", "",
              f"Val objects of `{data.name}`, GT masks as the judge. Pairs: the colour-linked in-box neighbour pairs "
              "of BoxInst's pairwise term. *crossing*: share of them the GT splits (what pulls background into "
-             "the mask); *cut*: share of them the pairwise cut leaves out; *cut right*: share of the pseudo label's cut that the GT splits too; *cut catches*: "
-             "share of the crossing pairs the cut leaves out; *cos < t*: share of the crossing pairs / of the "
+             "the mask); *cut*: share of them the pairwise cut leaves out; *cut right*: share of the pseudo "
+             "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; *cos < t*: share of the crossing pairs / of the "
              "same-side pairs whose teacher-feature cosine is below t.", ""]
     for run, by_split in results.items():
         lines += [f"## {run}", "", "| split | objects | pairs | crossing | cut | cut right | cut catches | "
@@ -128,8 +128,8 @@ def to_markdown(results: dict, data: Path) -> str:
         for split, c in by_split.items():
             s = shares(c)
             gates = " | ".join(f"{s[f'cos<{t}'][0]:.2f} / {s[f'cos<{t}'][1]:.2f}" for t in THRESHOLDS)
-            lines.append(f"| {split} | {c['objects']} | {c['linked']} | {s['gt_split']:.3f} | {s['cut']:.3f} | {s['cut_right']:.2f} | "
-                         f"{s['cut_catches']:.2f} | {gates} |")
+            lines.append(f"| {split} | {c['objects']} | {c['linked']} | {s['gt_split']:.3f} | {s['cut']:.3f} | "
+                         f"{s['cut_right']:.2f} | {s['cut_catches']:.2f} | {gates} |")
         lines.append("")
     return "\n".join(lines)
 
