@@ -67,7 +67,6 @@ def probe_run(run: Path, data: Path, max_images: int) -> dict[str, dict[str, flo
     if sim is None:
         raise SystemExit(f"{run}: not a SIM run (the probe needs its teacher and pseudo labels)")
     cfg = model.cfg
-    sim.cfg.sim.pairwise_feat_sim = True  # so pseudo_masks keeps the teacher's features (nothing else changes)
     lc = cfg.loss
     ds = CocoDataset(data / "val.json", data / "images")
     samples = EvalDataset(ds, cfg.data.min_size_test, cfg.data.max_size, with_targets=True)
@@ -86,7 +85,7 @@ def probe_run(run: Path, data: Path, max_images: int) -> dict[str, dict[str, flo
             if aux["inst"]["image"].numel() == 0:
                 continue
             h, w = aux["mask_logits"].shape[-2:]
-            pm = sim.pseudo_masks(no_masks, aux)
+            pm = sim.pseudo_masks(no_masks, aux, teacher_features=True)
             in_box = pm["box"] > 0
             gt = gt_masks_on_grid(batch, cfg.model.mask_out_stride, (h, w)).float() * in_box
             size, dil = lc.pairwise_size, lc.pairwise_dilation

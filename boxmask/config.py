@@ -178,6 +178,10 @@ class SimConfig:
     # the cut only in the objects where it would leave out at least this share of the pairwise term's pairs
     # (a colour-matched region the teacher separates from the object); the others keep every pair
     pairwise_cut_min_share: float = 0.0
+    # the cut only in the objects whose box is at least this many mask cells (mask_out_stride pixels) on its
+    # shorter side: on a small object the pseudo boundary's one-cell error is a large share of the mask, and
+    # the pairs the cut then leaves out are its rim (0 = every object)
+    pairwise_cut_min_side: int = 0
     # Online copy-paste (section 2.6): a FIFO bank of recent images with the teacher's paste masks, filled
     # after the warm-up; once full, each batch is pasted with probability paste_prob. The released code's
     # variant: bank_length=50 paste_fraction=0.5 paste_replacement=true paste_score_power=3.
@@ -299,7 +303,8 @@ RANGES: dict[str, str] = {
     "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
     "sim.pseudo_weight": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
-    "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
+    "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
+    "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
     "sim.paste_fraction": "[0, 1]", "sim.paste_min": ">= 1", "sim.paste_max": ">= 1", "sim.paste_score_power": ">= 0",
     "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0", "sim.bg_prototypes": ">= 0", "sim.proto_erode": ">= 0",
     "sim.proto_confidence": "[0, 1)",
@@ -529,7 +534,8 @@ def _check_cut_keys(cfg: Config, touched: set[str]) -> None:
     """The cut's confidence keys act only with the cut: typed without it, refuse them."""
     if cfg.method != "sim" or cfg.sim.pairwise_pseudo_cut:
         return
-    idle = [k for k in ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share") if k in touched]
+    keys = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side")
+    idle = [k for k in keys if k in touched]
     if idle:
         raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
                           "act with sim.pairwise_pseudo_cut=true, which is off; add it to use them")

@@ -225,6 +225,12 @@ def test_cut_confidence_keys_are_refused_without_the_cut():
     cfg = load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_high=0.9",
                              "sim.pairwise_cut_low=0.1"])
     assert (cfg.sim.pairwise_cut_high, cfg.sim.pairwise_cut_low) == (0.9, 0.1)
+    with pytest.raises(ConfigError, match=r"'sim\.pairwise_cut_min_side' only act with"):
+        load_config(None, ["method=sim", "sim.pairwise_cut_min_side=10"])
+    with pytest.raises(ConfigError, match=r"sim\.pairwise_cut_min_side"):
+        load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_min_side=-1"])
+    assert load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true",
+                              "sim.pairwise_cut_min_side=10"]).sim.pairwise_cut_min_side == 10
 
 
 def test_semantic_map_keys_are_refused_while_the_semantic_map_is_off():

@@ -711,6 +711,38 @@ def test_pairwise_cut_min_share_cuts_only_the_objects_above_it(synth_data, monke
     assert torch.equal(seen["keep"][above], 1.0 - split[above])
 
 
+def test_pairwise_cut_min_side_cuts_only_the_objects_that_large(synth_data, monkeypatch):
+    """sim.pairwise_cut_min_side: an instance whose box is narrower than that many mask cells keeps every pair."""
+    from boxmask.modeling import boxinst_loss
+    from boxmask.modeling.sim.pseudo_loss import split_pairs
+
+    sim, _, batch, aux, _, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"])
+    lc = sim.cfg.loss
+    pm = sim.pseudo_masks(batch, aux)
+    box = pm["box"]
+    cols = torch.arange(box.shape[-1], dtype=torch.float32)
+    left = torch.stack([(cols <= (cols[b.amax(0) > 0].min() + 2 if (b > 0).any() else -1)).float() for b in box])
+    halves = {**pm, "target": box * left[:, None, :], "weight": box}
+    split = split_pairs(halves["target"][pm["group"]], box[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+    # the shorter side of each instance's box on the mask grid, counted by hand
+    sides = []
+    for m in aux["box_masks"]:
+        ys, xs = torch.nonzero(m > 0, as_tuple=True)
+        sides.append(min(int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1) if len(ys) else 0)
+    sides = torch.tensor(sides)
+    t = int(sides.float().median().ceil())
+    large = sides >= t
+    assert large.any() and (~large).any()
+    seen = {}
+    real = boxinst_loss.pairwise_loss
+    monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: seen.update(keep=a[6]) or real(*a, **k))
+    sim.cfg.sim.pairwise_cut_min_side = t
+    sim._pairwise(aux, halves, cut=True)
+    assert torch.equal(seen["keep"][~large], torch.ones_like(seen["keep"][~large]))
+    assert torch.equal(seen["keep"][large], 1.0 - split[large])
+    assert bool((split[large] > 0).any())  # the large ones do lose pairs
+
+
 def test_soft_targets_keep_the_fused_value_in_the_box_and_zero_where_claimed():
     from boxmask.modeling.sim.pseudo_loss import soft_targets
 

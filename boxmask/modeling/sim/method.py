@@ -97,9 +97,11 @@ class SIM(nn.Module):
         return aligned_bilinear(mask_feats, factor)[:, :, : hw[0], : hw[1]]
 
     @torch.no_grad()
-    def pseudo_masks(self, batch: dict, aux: dict) -> dict:
+    def pseudo_masks(self, batch: dict, aux: dict, teacher_features: bool = False) -> dict:
         """Per-object maps on the mask grid: instance map M_I (teacher masks of the positives, weighted),
-        semantic map M_S, fused P, pseudo target/weights, and the student's own merged masks."""
+        semantic map M_S, fused P, pseudo target/weights, and the student's own merged masks.
+        ``teacher_features``: keep the teacher's mask features (``teacher_feats``) even where no option of
+        the config needs them (for probes)."""
         s = self.cfg.sim
         inst = aux["inst"]
         logits = aux["mask_logits"]
@@ -115,7 +117,8 @@ class SIM(nn.Module):
         g_img, g_cls = aux["gt_image"], aux["gt_labels"]
         box = aux["object_box_masks"]  # the box, or what copy-paste left of it
         # the teacher's features at mask resolution serve the semantic map and the feature pairwise term only
-        t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w)) if s.semantic or s.pairwise_feat_sim else None
+        need_feats = s.semantic or s.pairwise_feat_sim or teacher_features
+        t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w)) if need_feats else None
         z_t = F.normalize(t_feats, dim=1) if s.semantic else None
         m_s = self.prototypes.semantic_map(z_t[g_img], g_cls, s.tau, s.semantic_softmax) if s.semantic else None
         fused = fuse(m_s, m_i if s.self_correction else None, s.alpha if s.semantic else 1.0)
@@ -161,7 +164,9 @@ class SIM(nn.Module):
         if pseudo_on and s.pseudo_weight > 0:
             target = pm["target"][pm["group"]]
             weight = region_weight(target, pm["weight"][pm["group"]], s.pseudo_region)
-            per_inst = pseudo_mask_loss(logits[:, 0], pm["loss_target"][pm["group"]], weight, s.pseudo_loss)
+            # hard targets (the default) are M_hat itself: no second gather
+            loss_target = target if pm["loss_target"] is pm["target"] else pm["loss_target"][pm["group"]]
+            per_inst = pseudo_mask_loss(logits[:, 0], loss_target, weight, s.pseudo_loss)
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         cut = s.pairwise_pseudo_cut and pseudo_on
@@ -293,6 +298,9 @@ class SIM(nn.Module):
             if s.pairwise_cut_min_share > 0:  # per instance: the share of its pairs the cut would leave out
                 share = (counted * split).flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1.0)
                 split = split * (share >= s.pairwise_cut_min_share).to(split.dtype)[:, None, None, None]
+            if s.pairwise_cut_min_side > 0:  # per instance: its box's shorter side on the mask grid
+                side = torch.minimum(box_masks.amax(2).sum(1), box_masks.amax(1).sum(1))
+                split = split * (side >= s.pairwise_cut_min_side).to(split.dtype)[:, None, None, None]
             keep = 1.0 - split
             if stats is not None:
                 stats["pairwise_cut"] = (counted * split).sum() / counted.sum().clamp_min(1.0)
