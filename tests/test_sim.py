@@ -683,15 +683,16 @@ def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, mon
             assert "loss_pairwise" not in extra and float(losses["loss_pairwise"].detach()) > 0
 
 
-def test_pairwise_cut_min_share_cuts_only_the_objects_above_it(synth_data, monkeypatch):
-    """sim.pairwise_cut_min_share: an instance whose share of cut pairs is below it keeps every pair."""
+def _left_column_cut(synth_data, monkeypatch):
+    """A SIM step whose pseudo label is the left three columns of each box (every instance has split pairs),
+    with the cut on: the step's aux, the split pairs per instance, the share of each instance's colour-linked
+    pairs they are, and ``keep(key, value)``: the per-pair weight the pairwise term gets with ``sim.key=value``."""
     from boxmask.modeling import boxinst_loss
     from boxmask.modeling.sim.pseudo_loss import split_pairs
 
     sim, _, batch, aux, _, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"])
     lc = sim.cfg.loss
     pm = sim.pseudo_masks(batch, aux)
-    # a pseudo label with the left third of each box foreground: every instance has some split pairs
     box = pm["box"]
     cols = torch.arange(box.shape[-1], dtype=torch.float32)
     left = torch.stack([(cols <= (cols[b.amax(0) > 0].min() + 2 if (b > 0).any() else -1)).float() for b in box])
@@ -699,31 +700,32 @@ def test_pairwise_cut_min_share_cuts_only_the_objects_above_it(synth_data, monke
     split = split_pairs(halves["target"][pm["group"]], box[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
     counted = (aux["color_sim"][aux["inst"]["image"]] >= lc.pairwise_color_thresh).float() * aux["box_masks"][:, None]
     share = (counted * split).flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1.0)
-    t = float(share.median())
-    assert (share < t).any() and (share >= t).any()
     seen = {}
     real = boxinst_loss.pairwise_loss
     monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: seen.update(keep=a[6]) or real(*a, **k))
-    sim.cfg.sim.pairwise_cut_min_share = t
-    sim._pairwise(aux, halves, cut=True)
+
+    def keep(key: str, value) -> torch.Tensor:
+        setattr(sim.cfg.sim, key, value)
+        sim._pairwise(aux, halves, cut=True)
+        return seen["keep"]
+
+    return aux, split, share, keep
+
+
+def test_pairwise_cut_min_share_cuts_only_the_objects_above_it(synth_data, monkeypatch):
+    """sim.pairwise_cut_min_share: an instance whose share of cut pairs is below it keeps every pair."""
+    _, split, share, keep_with = _left_column_cut(synth_data, monkeypatch)
+    t = float(share.median())
+    assert (share < t).any() and (share >= t).any()
+    keep = keep_with("pairwise_cut_min_share", t)
     above = share >= t
-    assert torch.equal(seen["keep"][~above], torch.ones_like(seen["keep"][~above]))
-    assert torch.equal(seen["keep"][above], 1.0 - split[above])
+    assert torch.equal(keep[~above], torch.ones_like(keep[~above]))
+    assert torch.equal(keep[above], 1.0 - split[above])
 
 
 def test_pairwise_cut_min_side_cuts_only_the_objects_that_large(synth_data, monkeypatch):
     """sim.pairwise_cut_min_side: an instance whose box is narrower than that many mask cells keeps every pair."""
-    from boxmask.modeling import boxinst_loss
-    from boxmask.modeling.sim.pseudo_loss import split_pairs
-
-    sim, _, batch, aux, _, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"])
-    lc = sim.cfg.loss
-    pm = sim.pseudo_masks(batch, aux)
-    box = pm["box"]
-    cols = torch.arange(box.shape[-1], dtype=torch.float32)
-    left = torch.stack([(cols <= (cols[b.amax(0) > 0].min() + 2 if (b > 0).any() else -1)).float() for b in box])
-    halves = {**pm, "target": box * left[:, None, :], "weight": box}
-    split = split_pairs(halves["target"][pm["group"]], box[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+    aux, split, _, keep_with = _left_column_cut(synth_data, monkeypatch)
     # the shorter side of each instance's box on the mask grid, counted by hand
     sides = []
     for m in aux["box_masks"]:
@@ -733,13 +735,9 @@ def test_pairwise_cut_min_side_cuts_only_the_objects_that_large(synth_data, monk
     t = int(sides.float().median().ceil())
     large = sides >= t
     assert large.any() and (~large).any()
-    seen = {}
-    real = boxinst_loss.pairwise_loss
-    monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: seen.update(keep=a[6]) or real(*a, **k))
-    sim.cfg.sim.pairwise_cut_min_side = t
-    sim._pairwise(aux, halves, cut=True)
-    assert torch.equal(seen["keep"][~large], torch.ones_like(seen["keep"][~large]))
-    assert torch.equal(seen["keep"][large], 1.0 - split[large])
+    keep = keep_with("pairwise_cut_min_side", t)
+    assert torch.equal(keep[~large], torch.ones_like(keep[~large]))
+    assert torch.equal(keep[large], 1.0 - split[large])
     assert bool((split[large] > 0).any())  # the large ones do lose pairs
 
 
