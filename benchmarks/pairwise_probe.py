@@ -119,8 +119,9 @@ def to_markdown(results: dict, data: Path) -> str:
              f"Val objects of `{data.name}`, GT masks as the judge. Pairs: the colour-linked in-box neighbour pairs "
              "of BoxInst's pairwise term. *crossing*: share of them the GT splits (what pulls background into "
              "the mask); *cut*: share of them the pairwise cut leaves out; *cut right*: share of the pseudo "
-             "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; *cos < t*: share of the crossing pairs / of the "
-             "same-side pairs whose teacher-feature cosine is below t.", ""]
+             "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; "
+             "*cos < t*: share of the crossing pairs / of the same-side pairs whose teacher-feature cosine is "
+             "below t.", ""]
     for run, by_split in results.items():
         lines += [f"## {run}", "", "| split | objects | pairs | crossing | cut | cut right | cut catches | "
                   + " | ".join(f"cos < {t}" for t in THRESHOLDS) + " |", "|---|" + "---|" * (6 + len(THRESHOLDS))]

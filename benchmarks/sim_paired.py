@@ -108,8 +108,6 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     # is in the small objects (segm APs -0.07, APm -0.01 at seeds 0-2), where a one-cell error is the rim
     "sim-cut-early-side10": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
                                                    "sim.pairwise_cut_min_side=10"]),
-    "sim-cut-early-side8": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
-                                                  "sim.pairwise_cut_min_side=8"]),
 }
 
 

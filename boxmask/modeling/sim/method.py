@@ -116,7 +116,8 @@ class SIM(nn.Module):
         has_pos = torch.zeros(num_g, dtype=torch.bool, device=logits.device).index_fill_(0, group, True)
         g_img, g_cls = aux["gt_image"], aux["gt_labels"]
         box = aux["object_box_masks"]  # the box, or what copy-paste left of it
-        # the teacher's features at mask resolution serve the semantic map and the feature pairwise term only
+        # the teacher's features at mask resolution serve the semantic map and the feature pairwise term (and
+        # probes that ask for them) only
         need_feats = s.semantic or s.pairwise_feat_sim or teacher_features
         t_feats = self._upsampled(t_out["mask_feats"].float(), (h, w)) if need_feats else None
         z_t = F.normalize(t_feats, dim=1) if s.semantic else None
