@@ -108,6 +108,15 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     # is in the small objects (segm APs -0.07, APm -0.01 at seeds 0-2), where a one-cell error is the rim
     "sim-cut-early-side10": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
                                                    "sim.pairwise_cut_min_side=10"]),
+    # the early cut released for the end of the schedule: the last stretch keeps every colour pair, so a
+    # small object's pseudo boundary one cell off is no longer held there (cosine LR: 21% of the peak at 70%)
+    "sim-cut-early-until0.7": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
+                                                     "sim.pairwise_cut_until=0.7"]),
+    # the pseudo background within one mask cell of the pseudo foreground ignored: SIM's plain-object loss is
+    # a recall loss at the rim (masks shrink under self-training), fed back by a confident background ring
+    "sim-margin1": ("sim", "train.json", ["sim.pseudo_bg_margin=1"]),
+    "sim-cut-early-margin1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
+                                                    "sim.pseudo_bg_margin=1"]),
 }
 
 

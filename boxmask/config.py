@@ -159,6 +159,10 @@ class SimConfig:
     # what the pseudo loss pulls those pixels to: hard = M_hat's 0/1 (paper) | soft = the fused map's value
     # there (0 where a rival claims the pixel), a distillation target that keeps the teacher's confidence
     pseudo_target: str = "hard"
+    # pseudo background within this many mask cells of the pseudo foreground is ignored rather than confident
+    # (0 = none): self-training shrinks masks at the rim, and a confident background ring there feeds the
+    # shrinkage back through the pseudo loss and the pairwise cut
+    pseudo_bg_margin: int = 0
     warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
     ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
     # Teacher asymmetry: the student's input gets strong photometric augmentation (colour jitter, grayscale,
@@ -182,6 +186,9 @@ class SimConfig:
     # shorter side: on a small object the pseudo boundary's one-cell error is a large share of the mask, and
     # the pairs the cut then leaves out are its rim (0 = every object)
     pairwise_cut_min_side: int = 0
+    # the cut stops at this fraction of the schedule (1 = to the end): the last stretch keeps every colour
+    # pair again, so a pseudo boundary one mask cell off the true one is no longer held in place there
+    pairwise_cut_until: float = 1.0
     # Online copy-paste (section 2.6): a FIFO bank of recent images with the teacher's paste masks, filled
     # after the warm-up; once full, each batch is pasted with probability paste_prob. The released code's
     # variant: bank_length=50 paste_fraction=0.5 paste_replacement=true paste_score_power=3.
@@ -301,9 +308,10 @@ RANGES: dict[str, str] = {
     "sim.ema_momentum": "[0, 1)", "sim.num_prototypes": ">= 1", "sim.tau": "> 0", "sim.sinkhorn_eps": "> 0",
     "sim.sinkhorn_iters": ">= 1", "sim.proto_momentum": "[0, 1)", "sim.mu": ">= 0", "sim.alpha": "[0, 1]",
     "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
-    "sim.pseudo_weight": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
+    "sim.pseudo_weight": ">= 0", "sim.pseudo_bg_margin": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
     "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
+    "sim.pairwise_cut_until": "[0, 1]",
     "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
     "sim.paste_fraction": "[0, 1]", "sim.paste_min": ">= 1", "sim.paste_max": ">= 1", "sim.paste_score_power": ">= 0",
     "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0", "sim.bg_prototypes": ">= 0", "sim.proto_erode": ">= 0",
@@ -526,19 +534,21 @@ def _check_semantic_keys(cfg: Config, touched: set[str]) -> None:
     idle = [k for k in SEMANTIC_KEYS if k in touched]
     if idle:
         raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
-                          "act through the semantic map, which is off (sim.semantic=false, the default); add "
-                          "sim.semantic=true to use them")
+                          f"{'act' if len(idle) > 1 else 'acts'} through the semantic map, which is off (sim.semantic=false, "
+                          "the default); add sim.semantic=true to use them")
 
 
 def _check_cut_keys(cfg: Config, touched: set[str]) -> None:
     """The cut's confidence keys act only with the cut: typed without it, refuse them."""
     if cfg.method != "sim" or cfg.sim.pairwise_pseudo_cut:
         return
-    keys = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side")
+    keys = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side",
+            "sim.pairwise_cut_until")
     idle = [k for k in keys if k in touched]
     if idle:
         raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
-                          "act with sim.pairwise_pseudo_cut=true, which is off; add it to use them")
+                          f"{'act' if len(idle) > 1 else 'acts'} with sim.pairwise_pseudo_cut=true, which is off; add it to use "
+                          "them")
 
 
 def _yaml_chain(path: Path, depth: int = 0) -> list[dict]:
@@ -619,6 +629,9 @@ def validate(cfg: Config) -> None:
                           f"{cfg.loss.pairwise_size}")
     if s.paste_min > s.paste_max:
         raise ConfigError(f"config key 'sim.paste_min' ({s.paste_min}) must not exceed sim.paste_max ({s.paste_max})")
+    if s.pairwise_pseudo_cut and s.pairwise_cut_until <= s.warmup_frac:
+        raise ConfigError(f"config key 'sim.pairwise_cut_until' ({s.pairwise_cut_until:g}) must be above "
+                          f"sim.warmup_frac ({s.warmup_frac:g}): the cut acts only once self-training is on")
     if not s.tau_low <= s.tau_high_min <= s.tau_high_max:
         raise ConfigError(f"config keys 'sim.tau_low' <= 'sim.tau_high_min' <= 'sim.tau_high_max' must hold, got "
                           f"{s.tau_low:g}, {s.tau_high_min:g}, {s.tau_high_max:g}")

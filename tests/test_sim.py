@@ -683,6 +683,35 @@ def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, mon
             assert "loss_pairwise" not in extra and float(losses["loss_pairwise"].detach()) > 0
 
 
+def test_pairwise_cut_until_hands_the_term_back_to_condinst(synth_data, monkeypatch):
+    """sim.pairwise_cut_until: from that fraction of the schedule on, the step's pairwise term is CondInst's
+    colour term over every pair again, with the pseudo loss still on."""
+    from boxmask.modeling import boxinst_loss
+    from boxmask.modeling.criterion import pairwise_cut_on, sim_switched_on
+    from boxmask.modeling.sim.method import SIM
+
+    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
+                                            "sim.pairwise_pseudo_cut=true", "solver.max_iters=100",
+                                            "sim.warmup_frac=0.2", "sim.pairwise_cut_until=0.7"])
+    assert [pairwise_cut_on(cfg, i) for i in (19, 20, 69, 70, 99)] == [False, True, True, False, False]
+    assert sim_switched_on(cfg, 70) and sim_switched_on(cfg, 99)
+    batch, num_classes = _synth_batch(synth_data, cfg)
+    torch.manual_seed(0)
+    model = CondInst(cfg, num_classes).train()
+    sim = SIM(cfg, model, num_classes)
+    calls = []
+    real = boxinst_loss.pairwise_loss
+    monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for it, cutting in ((50, True), (80, False)):
+        calls.clear()
+        b = sim.prepare_batch(batch, it, 0)
+        assert b.get("pairwise_elsewhere", False) == cutting
+        losses, aux = model(b, return_aux=True)
+        extra, stats = sim.losses(b, aux, pseudo_on=sim_switched_on(cfg, it), cut_on=pairwise_cut_on(cfg, it))
+        assert len(calls) == 1 and ("pairwise_cut" in stats) == cutting
+        assert ("loss_pairwise" in extra) == cutting and float(extra["loss_pseudo"].detach()) > 0
+
+
 def _left_column_cut(synth_data, monkeypatch):
     """A SIM step whose pseudo label is the left three columns of each box (every instance has split pairs),
     with the cut on: the step's aux, the split pairs per instance, the share of each instance's colour-linked
@@ -770,3 +799,46 @@ def test_soft_pseudo_target_is_the_fused_map_on_the_confident_pixels(synth_data)
     sim_h, _, batch_h, aux_h, losses_h, *_ = _sim_step(synth_data, competition, semantic=False)
     assert torch.equal(sim_h.pseudo_masks(batch_h, aux_h)["loss_target"], pm["target"])
     assert losses_s["loss_pseudo"].item() != pytest.approx(losses_h["loss_pseudo"].item())
+
+
+def test_margin_ignores_the_background_ring_around_the_pseudo_foreground():
+    from boxmask.modeling.sim.pseudo_loss import margin_ignored
+
+    target = torch.zeros(1, 7, 9)
+    target[0, 2:5, 3:6] = 1.0
+    weight = torch.ones(1, 7, 9)
+    weight[0, 0, :] = 0.0  # outside the box: stays ignored
+    assert torch.equal(margin_ignored(target, weight, 0), weight)
+    one = margin_ignored(target, weight, 1)
+    ring = torch.zeros(7, 9, dtype=torch.bool)
+    ring[1:6, 2:7] = True
+    ring[2:5, 3:6] = False
+    assert torch.equal(one[0] == 0, ring | (weight[0] == 0))  # the 1-cell ring and what was already ignored
+    assert torch.equal(one[0, 2:5, 3:6], torch.ones(3, 3))  # the foreground keeps its weight
+    two = margin_ignored(target, weight, 2)
+    assert int((two[0] == 0).sum()) > int((one[0] == 0).sum()) and bool(two[0, 6, 0] == 1)
+    # an ignored foreground pixel (weight 0) does not widen the ring
+    weight_f = weight.clone()
+    weight_f[0, 2:5, 5] = 0.0
+    assert bool(margin_ignored(target, weight_f, 1)[0, 3, 6] == 1)
+
+
+def test_pseudo_bg_margin_reaches_the_pseudo_label_and_the_cut(synth_data):
+    """sim.pseudo_bg_margin: the weight the pseudo loss and the pairwise cut see has the ring ignored, and
+    a rival's claimed pixels stay confident background (the untrained teacher's maps lie in about
+    [0.47, 0.49]: thresholds at 0.48 split them)."""
+    from boxmask.modeling.sim.pseudo_loss import margin_ignored
+
+    common = ["sim.tau_low=0.48", "sim.tau_high_min=0.48", "sim.tau_high_max=0.48", "sim.pairwise_pseudo_cut=true"]
+    sim0, _, batch0, aux0, losses0, *_ = _sim_step(synth_data, common, semantic=False)
+    sim1, _, batch1, aux1, losses1, *_ = _sim_step(synth_data, [*common, "sim.pseudo_bg_margin=1"], semantic=False)
+    pm0, pm1 = sim0.pseudo_masks(batch0, aux0), sim1.pseudo_masks(batch1, aux1)
+    assert torch.equal(pm1["target"], pm0["target"])
+    assert torch.equal(pm1["weight"], margin_ignored(pm0["target"], pm0["weight"], 1))
+    assert pm1["weight"].sum() < pm0["weight"].sum()
+    assert losses1["loss_pseudo"].item() != pytest.approx(losses0["loss_pseudo"].item())
+    assert losses1["loss_pairwise"].item() != pytest.approx(losses0["loss_pairwise"].item())
+    comp = ["sim.instance_competition=true", *common, "sim.pseudo_bg_margin=1"]
+    sim_c, _, batch_c, aux_c, *_ = _sim_step(synth_data, comp, semantic=False)
+    pm_c = sim_c.pseudo_masks(batch_c, aux_c)
+    assert pm_c["claimed"].any() and bool((pm_c["weight"][pm_c["claimed"]] == 1).all())

@@ -13,6 +13,13 @@ def sim_switched_on(cfg: Config, iteration: int) -> bool:
     return cfg.method == "sim" and iteration >= cfg.sim.warmup_frac * cfg.solver.max_iters
 
 
+def pairwise_cut_on(cfg: Config, iteration: int) -> bool:
+    """Whether the pairwise term leaves out the pairs the pseudo label splits: from SIM's switch-on until
+    ``sim.pairwise_cut_until`` of the schedule."""
+    return (cfg.sim.pairwise_pseudo_cut and sim_switched_on(cfg, iteration)
+            and iteration < cfg.sim.pairwise_cut_until * cfg.solver.max_iters)
+
+
 def pseudo_weight(cfg: Config, iteration: int) -> float:
     """lambda1 after SIM's warm-up (a fraction of the schedule), with an optional linear ramp."""
     if not sim_switched_on(cfg, iteration):

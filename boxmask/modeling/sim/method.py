@@ -17,13 +17,13 @@ from ...config import Config
 from .. import boxinst_loss
 from ..color import unfold_neighbours
 from ..condinst import CondInst, box_cells, gt_masks_on_grid
-from ..criterion import sim_switched_on
+from ..criterion import pairwise_cut_on
 from ..dynamic_mask_head import aligned_bilinear
 from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
-from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, pseudo_mask_loss, pseudo_targets, region_weight,
-                          soft_targets, split_pairs)
+from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, margin_ignored, pseudo_mask_loss, pseudo_targets,
+                          region_weight, soft_targets, split_pairs)
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
@@ -68,7 +68,7 @@ class SIM(nn.Module):
         the pairwise term itself this step. A pure function of (seed, iteration, rank)."""
         batch = self.copy_paste(batch, iteration, seed)
         s = self.cfg.sim
-        if s.pairwise_feat_sim or (s.pairwise_pseudo_cut and sim_switched_on(self.cfg, iteration)):
+        if s.pairwise_feat_sim or pairwise_cut_on(self.cfg, iteration):
             # SIM's own pairwise term replaces the colour one this step (losses()): CondInst skips its own
             batch = {**batch, "pairwise_elsewhere": True}
         if self.cfg.sim.student_aug:
@@ -126,6 +126,7 @@ class SIM(nn.Module):
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
+        weight = margin_ignored(target, weight, s.pseudo_bg_margin)
         claimed = None
         if s.instance_competition:
             claimed = claimed_by_rivals(m_i, box, g_img, batch["images"].shape[0], s.fg_thresh)
@@ -149,10 +150,13 @@ class SIM(nn.Module):
                     "student": student, "teacher_feats": t_feats, "teacher_z": z_t, "claimed": claimed})
         return out
 
-    def losses(self, batch: dict, aux: dict, pseudo_on: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def losses(self, batch: dict, aux: dict, pseudo_on: bool,
+               cut_on: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """SIM's loss terms (unweighted) and statistics for the log (NaN where there is nothing to measure);
         updates the prototypes and fills the bank. ``pseudo_on``: the self-training stage has begun (past
-        ``warmup_frac``), whatever the pseudo loss's weight: with ``pseudo_weight=0`` copy-paste still runs."""
+        ``warmup_frac``), whatever the pseudo loss's weight: with ``pseudo_weight=0`` copy-paste still runs.
+        ``cut_on``: the pairwise cut acts at this step (``criterion.pairwise_cut_on``; None: whenever
+        ``pairwise_pseudo_cut`` and ``pseudo_on``)."""
         s = self.cfg.sim
         logits = aux["mask_logits"]
         out: dict[str, torch.Tensor] = {}
@@ -170,7 +174,7 @@ class SIM(nn.Module):
             per_inst = pseudo_mask_loss(logits[:, 0], loss_target, weight, s.pseudo_loss)
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
-        cut = s.pairwise_pseudo_cut and pseudo_on
+        cut = (s.pairwise_pseudo_cut and pseudo_on) if cut_on is None else (cut_on and s.pairwise_pseudo_cut)
         if s.pairwise_feat_sim or cut or batch.get("pairwise_elsewhere", False):
             out["loss_pairwise"] = self._pairwise(aux, pm, cut, stats)
         if s.semantic and (pseudo_on or s.proto_from == "start"):

@@ -39,6 +39,16 @@ def pseudo_targets(prob: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor
     return target, weight
 
 
+def margin_ignored(target: torch.Tensor, weight: torch.Tensor, margin: int) -> torch.Tensor:
+    """The weight with the pseudo background within ``margin`` cells of the pseudo foreground ignored: the
+    teacher's boundary on the mask grid is often a cell inside the object (its masks shrink under
+    self-training), and a confident background rim would pull the student's mask in with it."""
+    if margin <= 0:
+        return weight
+    near_fg = F.max_pool2d((target * weight)[:, None], 2 * margin + 1, stride=1, padding=margin)[:, 0]
+    return weight * (1.0 - near_fg * (1.0 - target))
+
+
 def soft_targets(prob: torch.Tensor, box: torch.Tensor, claimed: torch.Tensor | None = None) -> torch.Tensor:
     """The fused map itself as the pseudo loss's target on the confident pixels (a distillation target that
     keeps the teacher's confidence at the boundary, where M_hat's 0/1 rounds it): its value inside the box,
