@@ -114,9 +114,12 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
                                                      "sim.pairwise_cut_until=0.7"]),
     # the pseudo background within one mask cell of the pseudo foreground ignored: SIM's plain-object loss is
     # a recall loss at the rim (masks shrink under self-training), fed back by a confident background ring
-    "sim-margin1": ("sim", "train.json", ["sim.pseudo_bg_margin=1"]),
     "sim-cut-early-margin1": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
                                                     "sim.pseudo_bg_margin=1"]),
+    # the early cut with soft pseudo targets: the teacher's value at the rim cells rather than M_hat's 0/1,
+    # the sub-cell position of the boundary that a hard label rounds to a whole mask cell
+    "sim-cut-early-soft": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.2",
+                                                 "sim.pseudo_target=soft"]),
 }
 
 

@@ -65,12 +65,14 @@ def _eval(args) -> int:
         print(f"boxmask: warning: {warning}", file=sys.stderr)
     if "gt_box_masks" in metrics:
         q = metrics["gt_box_masks"]
-        line = f"masks for the GT boxes vs GT masks: model mIoU {q['model_mIoU']:.3f}"
+        line = (f"masks for the GT boxes vs GT masks: model mIoU {q['model_mIoU']:.3f} (precision "
+                f"{q['model_precision']:.3f}, recall {q['model_recall']:.3f})")
         if "pseudo_mIoU" in q:
             line += f", SIM pseudo masks mIoU {q['pseudo_mIoU']:.3f}"
         print(line + f" ({q['covered']} of {q['num_gt']} objects have positives)")
         for name, qs in q.get("splits", {}).items():
-            line = f"  {name}: model mIoU {qs['model_mIoU']:.3f}"
+            line = (f"  {name}: model mIoU {qs['model_mIoU']:.3f} (precision {qs['model_precision']:.3f}, recall "
+                    f"{qs['model_recall']:.3f})")
             if "pseudo_mIoU" in qs:
                 line += f", SIM pseudo masks mIoU {qs['pseudo_mIoU']:.3f}"
             print(line + f" ({qs['covered']} of {qs['num_gt']} objects)")

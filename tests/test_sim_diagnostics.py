@@ -147,3 +147,18 @@ def test_gt_box_quality_per_object_covers_every_object(synth_data):
     assert set(per) == ids and all(0.0 <= v <= 1.0 for v in per.values())
     covered = [v for v in per.values()]
     assert abs(sum(covered) / len(covered) - q["model_mIoU"] * q["covered"] / len(covered)) < 1e-6
+    # a mask's IoU is at most its precision and its recall, so the means keep that order too
+    assert q["model_mIoU"] <= min(q["model_precision"], q["model_recall"]) + 1e-9
+    assert 0.0 <= q["model_precision"] <= 1.0 and 0.0 <= q["model_recall"] <= 1.0
+
+
+def test_mask_precision_and_recall_tell_too_large_from_too_small():
+    from boxmask.evaluation.evaluator import _precision_recall
+
+    gt = torch.zeros(3, 6, 6, dtype=torch.bool)
+    gt[:, 1:5, 1:5] = True  # 16 pixels
+    pred = torch.zeros_like(gt)
+    pred[0, 0:6, 0:6] = True  # too large: 36 pixels covering the GT
+    pred[1, 2:4, 2:4] = True  # too small: 4 pixels inside it
+    precision, recall = _precision_recall(pred, gt)  # the third is empty
+    assert precision == pytest.approx([16 / 36, 1.0, 0.0]) and recall == pytest.approx([1.0, 4 / 16, 0.0])

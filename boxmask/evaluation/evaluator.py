@@ -65,7 +65,8 @@ def box_fill(results: list[dict]) -> tuple[float, float]:
 def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, sim=None, progress: bool = True,
                         per_object: bool = False) -> dict:
     """Mean IoU against the GT masks of the masks made for each GT box, on the mask grid: the model's
-    (its positives' masks merged with the self-correction weights) and, for SIM, the pseudo mask M_hat;
+    (its positives' masks merged with the self-correction weights; with their mean precision and recall, which
+    tell a mask too large from one too small) and, for SIM, the pseudo mask M_hat;
     for SIM also ``sim_maps``, the diagnostics of its maps per split (``evaluation/sim_maps.py``). Where
     annotations carry ``cases``, ``splits`` gives the mIoUs per case as well. With ``per_object``,
     ``per_object`` maps every non-crowd annotation id to its IoU ("model", and "pseudo" for SIM; 0 for an
@@ -80,7 +81,7 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
                         batch_size=4, collate_fn=functools.partial(collate, size_divisibility=cfg.data.size_divisibility))
     was_training = model.training
     model.eval()
-    ious: dict[str, dict[str, list[float]]] = {}  # split -> model / pseudo -> IoUs
+    ious: dict[str, dict[str, list[float]]] = {}  # split -> model / pseudo / precision / recall -> values
     num_gt: dict[str, int] = {}
     maps = SimMapStats()
     flagged = False
@@ -120,22 +121,27 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
             else:
                 groups, _, _, student = merge_per_object(inst, aux["mask_logits"].float().sigmoid()[:, 0],
                                                          cfg.sim.mu, cfg.sim.weighting)
-            model_iou = _iou(student > cfg.model.mask_thresh, gt[groups]).tolist()
+            pred = student > cfg.model.mask_thresh
+            model_iou = _iou(pred, gt[groups]).tolist()
+            precision, recall = _precision_recall(pred, gt[groups])
             for k, g in enumerate(groups.tolist()):
                 by_id["model"][anns[g]["id"]] = model_iou[k]
                 if pseudo is not None:
                     by_id["pseudo"][anns[g]["id"]] = pseudo[k]
                 for name in splits[g]:
-                    rec = ious.setdefault(name, {"model": [], "pseudo": []})
+                    rec = ious.setdefault(name, {"model": [], "pseudo": [], "precision": [], "recall": []})
                     rec["model"].append(model_iou[k])
+                    rec["precision"].append(precision[k])
+                    rec["recall"].append(recall[k])
                     if pseudo is not None:
                         rec["pseudo"].append(pseudo[k])
     finally:
         model.train(was_training)
 
     def quality(name: str) -> dict:
-        rec = ious.get(name, {"model": [], "pseudo": []})
-        q = {"num_gt": num_gt.get(name, 0), "covered": len(rec["model"]), "model_mIoU": _mean(rec["model"])}
+        rec = ious.get(name, {"model": [], "pseudo": [], "precision": [], "recall": []})
+        q = {"num_gt": num_gt.get(name, 0), "covered": len(rec["model"]), "model_mIoU": _mean(rec["model"]),
+             "model_precision": _mean(rec["precision"]), "model_recall": _mean(rec["recall"])}
         if sim is not None:
             q["pseudo_mIoU"] = _mean(rec["pseudo"])
         return q
@@ -154,6 +160,14 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
     return inter / union.clamp_min(1)
+
+
+def _precision_recall(pred: torch.Tensor, gt: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per mask: the share of its pixels inside the GT mask and the share of the GT mask it covers (an empty
+    mask or GT mask counts 0)."""
+    inter = (pred & gt).flatten(1).sum(1).float()
+    return ((inter / pred.flatten(1).sum(1).clamp_min(1)).tolist(),
+            (inter / gt.flatten(1).sum(1).clamp_min(1)).tolist())
 
 
 def _mean(values: list[float]) -> float:
