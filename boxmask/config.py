@@ -157,11 +157,14 @@ class SimConfig:
     # the pseudo label makes background: the box's foreground is left to the projection and pairwise terms)
     pseudo_region: str = "all"
     # what the pseudo loss pulls those pixels to: hard = M_hat's 0/1 (paper) | soft = the fused map's value
-    # there (0 where a rival claims the pixel), a distillation target that keeps the teacher's confidence
-    pseudo_target: str = "hard"
+    # there (0 where a rival claims the pixel), a distillation target that keeps the teacher's confidence.
+    # soft by default: a hard label rounds a rim cell the object half covers to background, and with the
+    # pairwise cut that shrinks small objects' masks (README, SIM)
+    pseudo_target: str = "soft"
     # pseudo background within this many mask cells of the pseudo foreground is ignored rather than confident
     # (0 = none): self-training shrinks masks at the rim, and a confident background ring there feeds the
-    # shrinkage back through the pseudo loss and the pairwise cut
+    # shrinkage back through the pseudo loss and the pairwise cut (measured with the cut and hard targets:
+    # masks then grow past the object; soft targets are the better remedy)
     pseudo_bg_margin: int = 0
     warmup_frac: float = 0.111  # pseudo loss from this fraction of the schedule (10k of 90k)
     ramp_frac: float = 0.0  # then ramps linearly over this fraction (0 = on at once)
@@ -173,7 +176,7 @@ class SimConfig:
     # from the pseudo loss's switch-on, the pairwise term drops the neighbour pairs the pseudo label
     # confidently splits (one pixel foreground, the other background): a colour-matched background region
     # inside the box is then no longer pulled into the mask by its colour while the pseudo loss pushes it out
-    pairwise_pseudo_cut: bool = False
+    pairwise_pseudo_cut: bool = True
     # the cut's own confidence: a pair is left out only where the fused map is >= cut_high on the foreground
     # side and <= cut_low on the background side (or a rival claims the pixel); the defaults take the pseudo
     # label's thresholds as they are

@@ -221,18 +221,18 @@ def test_user_keys_are_the_overridden_ones():
 
 def test_cut_confidence_keys_are_refused_without_the_cut():
     with pytest.raises(ConfigError, match=r"'sim\.pairwise_cut_high' only acts with sim\.pairwise_pseudo_cut=true"):
-        load_config(None, ["method=sim", "sim.pairwise_cut_high=0.9"])
+        load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=false", "sim.pairwise_cut_high=0.9"])
     cfg = load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_high=0.9",
                              "sim.pairwise_cut_low=0.1"])
     assert (cfg.sim.pairwise_cut_high, cfg.sim.pairwise_cut_low) == (0.9, 0.1)
     with pytest.raises(ConfigError, match=r"'sim\.pairwise_cut_min_side' only acts with"):
-        load_config(None, ["method=sim", "sim.pairwise_cut_min_side=10"])
+        load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=false", "sim.pairwise_cut_min_side=10"])
     with pytest.raises(ConfigError, match=r"sim\.pairwise_cut_min_side"):
         load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true", "sim.pairwise_cut_min_side=-1"])
     assert load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true",
                               "sim.pairwise_cut_min_side=10"]).sim.pairwise_cut_min_side == 10
     with pytest.raises(ConfigError, match=r"'sim\.pairwise_cut_until' only acts with"):
-        load_config(None, ["method=sim", "sim.pairwise_cut_until=0.8"])
+        load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=false", "sim.pairwise_cut_until=0.8"])
     with pytest.raises(ConfigError, match=r"'sim\.pairwise_cut_until' \(0\.3\) must be above sim\.warmup_frac \(0\.4\)"):
         load_config(None, ["method=sim", "sim.pairwise_pseudo_cut=true", "sim.warmup_frac=0.4", "sim.pairwise_cut_until=0.3"])
     with pytest.raises(ConfigError, match=r"sim\.pairwise_cut_until"):
