@@ -50,10 +50,11 @@ VARIANTS = {
     "sim-tau0.1": ("sim", "train.json", ["sim.copy_paste=false", "sim.semantic=true", "sim.tau=0.1"]),
     # the teacher's EMA heads on the student's FPN features: no second backbone pass
     "sim-student-backbone": ("sim", "train.json", ["sim.copy_paste=false", "sim.teacher_backbone=student"]),
-    # SIM with online copy-paste (the default method: sim: instance competition, no semantic map)
+    # SIM as it is by default (instance competition, no semantic map, the pairwise cut, soft targets, copy-paste)
     "sim": ("sim", "train.json", []),
     # the paper's formulation: semantic map and prototypes, no instance competition
-    "sim-paper": ("sim", "train.json", ["sim.semantic=true", "sim.instance_competition=false"]),
+    "sim-paper": ("sim", "train.json", ["sim.semantic=true", "sim.instance_competition=false", "sim.pairwise_pseudo_cut=false",
+                                      "sim.pseudo_target=hard"]),
     # the same with the teacher's EMA heads on the student's FPN features
     "sim-student-teacher": ("sim", "train.json", ["sim.teacher_backbone=student"]),
     # the pairwise cut on every step (warm-up 0, so a timed step is a self-training step)

@@ -137,7 +137,8 @@ class SimConfig:
     # use the semantic map M_S (and update prototypes). Off by default: on the textured benchmark it lowered
     # mask AP on every split over paired seeds, and class prototypes fitted on the true masks do not rank a
     # box's pixels better than M_I (benchmarks/results/sim_paired.md, semantic_probe.md). The paper's
-    # formulation: sim.semantic=true sim.instance_competition=false
+    # formulation: sim.semantic=true sim.instance_competition=false sim.pairwise_pseudo_cut=false
+    # sim.pseudo_target=hard
     semantic: bool = False
     self_correction: bool = True  # use the instance map M_I in the fusion
     # instance competition: a box pixel where another object of the image has the more confident instance
