@@ -653,14 +653,14 @@ def test_cut_sides_keep_only_the_pairs_the_teacher_is_sure_of():
     assert w[0, 0].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]  # a claimed pixel stays certain background
 
 
-def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, monkeypatch):
-    """With the cut on past the switch-on, CondInst leaves the pairwise term to SIM (one computation per
-    step) and the step's term is the cut one; before the switch-on CondInst's colour term stands."""
+def _pairwise_counted(synth_data, monkeypatch, extra=()):
+    """(config, batch, CondInst, SIM, calls): a SIM with the cut on a synth batch, every computation of the
+    colour pairwise term appended to ``calls``."""
     from boxmask.modeling import boxinst_loss
     from boxmask.modeling.sim.method import SIM
 
     cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
-                                            "sim.pairwise_pseudo_cut=true"])
+                                            "sim.pairwise_pseudo_cut=true", *extra])
     batch, num_classes = _synth_batch(synth_data, cfg)
     torch.manual_seed(0)
     model = CondInst(cfg, num_classes).train()
@@ -668,6 +668,13 @@ def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, mon
     calls = []
     real = boxinst_loss.pairwise_loss
     monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return cfg, batch, model, sim, calls
+
+
+def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, monkeypatch):
+    """With the cut on past the switch-on, CondInst leaves the pairwise term to SIM (one computation per
+    step) and the step's term is the cut one; before the switch-on CondInst's colour term stands."""
+    cfg, batch, model, sim, calls = _pairwise_counted(synth_data, monkeypatch)
     on = int(cfg.sim.warmup_frac * cfg.solver.max_iters) + 1
     for it, switched in ((0, False), (on, True)):
         calls.clear()
@@ -688,22 +695,12 @@ def test_the_pairwise_term_is_computed_once_when_sim_replaces_it(synth_data, mon
 def test_pairwise_cut_until_hands_the_term_back_to_condinst(synth_data, monkeypatch):
     """sim.pairwise_cut_until: from that fraction of the schedule on, the step's pairwise term is CondInst's
     colour term over every pair again, with the pseudo loss still on."""
-    from boxmask.modeling import boxinst_loss
     from boxmask.modeling.criterion import pairwise_cut_on, sim_switched_on
-    from boxmask.modeling.sim.method import SIM
 
-    cfg = load_config("configs/tiny.yaml", ["method=sim", *TINY, "sim.copy_paste=false", "sim.fg_thresh=0.3",
-                                            "sim.pairwise_pseudo_cut=true", "solver.max_iters=100",
-                                            "sim.warmup_frac=0.2", "sim.pairwise_cut_until=0.7"])
+    cfg, batch, model, sim, calls = _pairwise_counted(synth_data, monkeypatch, [
+        "solver.max_iters=100", "sim.warmup_frac=0.2", "sim.pairwise_cut_until=0.7"])
     assert [pairwise_cut_on(cfg, i) for i in (19, 20, 69, 70, 99)] == [False, True, True, False, False]
     assert sim_switched_on(cfg, 70) and sim_switched_on(cfg, 99)
-    batch, num_classes = _synth_batch(synth_data, cfg)
-    torch.manual_seed(0)
-    model = CondInst(cfg, num_classes).train()
-    sim = SIM(cfg, model, num_classes)
-    calls = []
-    real = boxinst_loss.pairwise_loss
-    monkeypatch.setattr(boxinst_loss, "pairwise_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     for it, cutting in ((50, True), (80, False)):
         calls.clear()
         b = sim.prepare_batch(batch, it, 0)
