@@ -113,23 +113,25 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
                 pm = sim.pseudo_masks(no_masks, aux)
                 covered = pm["has_pos"]  # the objects with positives (the others have no masks)
                 groups, student = pm["groups"][covered], pm["student"][covered]
-                pseudo = _iou(pm["target"][covered] > 0, gt[groups]).tolist()
+                gt_g = gt[groups]  # each covered object's GT mask
+                pseudo = _iou(pm["target"][covered] > 0, gt_g).tolist()
                 maps.add([splits[g] for g in groups.tolist()],
                          {"m_s": None if pm["m_s"] is None else pm["m_s"][covered], "m_i": pm["m_i"][covered],
                           "fused": pm["fused"][covered]},
-                         pm["target"][covered], pm["weight"][covered], pm["box"][covered], gt[groups])
+                         pm["target"][covered], pm["weight"][covered], pm["box"][covered], gt_g)
             else:
                 groups, _, _, student = merge_per_object(inst, aux["mask_logits"].float().sigmoid()[:, 0],
                                                          cfg.sim.mu, cfg.sim.weighting)
+                gt_g = gt[groups]
             pred = student > cfg.model.mask_thresh
-            model_iou = _iou(pred, gt[groups]).tolist()
-            precision, recall = _precision_recall(pred, gt[groups])
+            model_iou = _iou(pred, gt_g).tolist()
+            precision, recall = _precision_recall(pred, gt_g)
             for k, g in enumerate(groups.tolist()):
                 by_id["model"][anns[g]["id"]] = model_iou[k]
                 if pseudo is not None:
                     by_id["pseudo"][anns[g]["id"]] = pseudo[k]
                 for name in splits[g]:
-                    rec = ious.setdefault(name, {"model": [], "pseudo": [], "precision": [], "recall": []})
+                    rec = ious.setdefault(name, _no_values())
                     rec["model"].append(model_iou[k])
                     rec["precision"].append(precision[k])
                     rec["recall"].append(recall[k])
@@ -139,7 +141,7 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
         model.train(was_training)
 
     def quality(name: str) -> dict:
-        rec = ious.get(name, {"model": [], "pseudo": [], "precision": [], "recall": []})
+        rec = ious.get(name) or _no_values()
         q = {"num_gt": num_gt.get(name, 0), "covered": len(rec["model"]), "model_mIoU": _mean(rec["model"]),
              "model_precision": _mean(rec["precision"]), "model_recall": _mean(rec["recall"])}
         if sim is not None:
@@ -160,6 +162,11 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (a & b).flatten(1).sum(1).float()
     union = (a | b).flatten(1).sum(1).float()
     return inter / union.clamp_min(1)
+
+
+def _no_values() -> dict[str, list[float]]:
+    """One split's per-object values in gt_box_mask_quality, before any object."""
+    return {"model": [], "pseudo": [], "precision": [], "recall": []}
 
 
 def _precision_recall(pred: torch.Tensor, gt: torch.Tensor) -> tuple[list[float], list[float]]:
