@@ -158,10 +158,16 @@ class SimConfig:
     # the pseudo label makes background: the box's foreground is left to the projection and pairwise terms)
     pseudo_region: str = "all"
     # what the pseudo loss pulls those pixels to: hard = M_hat's 0/1 (paper) | soft = the fused map's value
-    # there (0 where a rival claims the pixel), a distillation target that keeps the teacher's confidence.
+    # there (0 where a rival claims the pixel), a distillation target that keeps the teacher's confidence |
+    # rim = hard, except the soft value on the confident background next to the rest of the box | soft_rim =
+    # soft, except the confident background beyond that rim, pulled to 0 (both screened, not better:
+    # README, SIM).
     # soft by default: a hard label rounds a rim cell the object half covers to background, and with the
     # pairwise cut that shrinks small objects' masks (README, SIM)
     pseudo_target: str = "soft"
+    # pseudo_target=rim / soft_rim: the rim's width, in mask cells of confident background next to the rest
+    # of the box (pseudo foreground or ignore band)
+    pseudo_rim: int = 1
     # pseudo background within this many mask cells of the pseudo foreground is ignored rather than confident
     # (0 = none): self-training shrinks masks at the rim, and a confident background ring there feeds the
     # shrinkage back through the pseudo loss and the pairwise cut (measured with the cut and hard targets:
@@ -283,7 +289,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sim.weighting": ("iou", "mean"),
     "sim.pseudo_loss": ("bce_dice", "bce", "focal"),
     "sim.pseudo_region": ("all", "background"),
-    "sim.pseudo_target": ("hard", "soft"),
+    "sim.pseudo_target": ("hard", "soft", "rim", "soft_rim"),
     "sim.proto_from": ("start", "switch_on"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.scheduler": ("step", "cosine"),
@@ -312,7 +318,8 @@ RANGES: dict[str, str] = {
     "sim.ema_momentum": "[0, 1)", "sim.num_prototypes": ">= 1", "sim.tau": "> 0", "sim.sinkhorn_eps": "> 0",
     "sim.sinkhorn_iters": ">= 1", "sim.proto_momentum": "[0, 1)", "sim.mu": ">= 0", "sim.alpha": "[0, 1]",
     "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
-    "sim.pseudo_weight": ">= 0", "sim.pseudo_bg_margin": ">= 0", "sim.warmup_frac": "[0, 1]", "sim.ramp_frac": "[0, 1]",
+    "sim.pseudo_weight": ">= 0", "sim.pseudo_bg_margin": ">= 0", "sim.pseudo_rim": "[1, 8]", "sim.warmup_frac": "[0, 1]",
+    "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
     "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
     "sim.pairwise_cut_until": "[0, 1]",
@@ -520,6 +527,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     validate(cfg)
     _check_semantic_keys(cfg, touched)
     _check_cut_keys(cfg, touched)
+    if cfg.method == "sim" and "sim.pseudo_rim" in touched and cfg.sim.pseudo_target not in ("rim", "soft_rim"):
+        raise ConfigError("config key 'sim.pseudo_rim' only acts with sim.pseudo_target=rim or soft_rim; got "
+                          f"sim.pseudo_target={cfg.sim.pseudo_target}")
     cfg.user_keys = frozenset(touched)
     cfg.source = str(path or "")
     return cfg

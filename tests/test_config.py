@@ -240,6 +240,13 @@ def test_cut_confidence_keys_are_refused_without_the_cut():
     with pytest.raises(ConfigError, match=r"sim\.pseudo_bg_margin"):
         load_config(None, ["method=sim", "sim.pseudo_bg_margin=-1"])
     assert load_config(None, ["method=sim", "sim.pseudo_bg_margin=2"]).sim.pseudo_bg_margin == 2
+    with pytest.raises(ConfigError, match=r"'sim\.pseudo_rim' only acts with sim\.pseudo_target=rim or soft_rim; "
+                                          r"got sim\.pseudo_target=soft"):
+        load_config(None, ["method=sim", "sim.pseudo_rim=2"])
+    with pytest.raises(ConfigError, match=r"sim\.pseudo_rim"):
+        load_config(None, ["method=sim", "sim.pseudo_target=rim", "sim.pseudo_rim=0"])
+    assert load_config(None, ["method=sim", "sim.pseudo_target=rim", "sim.pseudo_rim=2"]).sim.pseudo_rim == 2
+    assert load_config(None, ["method=sim", "sim.pseudo_target=soft_rim", "sim.pseudo_rim=2"]).sim.pseudo_rim == 2
 
 
 def test_semantic_map_keys_are_refused_while_the_semantic_map_is_off():

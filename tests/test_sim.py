@@ -785,6 +785,39 @@ def test_soft_targets_keep_the_fused_value_in_the_box_and_zero_where_claimed():
     assert at.item() < off.item()
 
 
+def test_rim_targets_are_soft_only_on_the_confident_background_next_to_the_rest_of_the_box():
+    from boxmask.modeling.sim.pseudo_loss import rim_targets, soft_targets
+
+    # one row: foreground, foreground, ignore band, background x3 (the box), outside the box
+    prob = torch.tensor([[[0.9, 0.9, 0.6, 0.3, 0.2, 0.1, 0.05]]])
+    box = torch.tensor([[[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]])
+    target, weight = pseudo_targets(prob, box, torch.tensor([0.8]), 0.4)
+    soft = soft_targets(prob, box)
+    # the first background cell keeps the teacher's value; deeper background and the foreground stay 0/1
+    assert torch.allclose(rim_targets(target, weight, box, soft, 1), torch.tensor([[[1.0, 1.0, 0.0, 0.3, 0.0, 0.0, 0.0]]]))
+    assert torch.allclose(rim_targets(target, weight, box, soft, 2), torch.tensor([[[1.0, 1.0, 0.0, 0.3, 0.2, 0.0, 0.0]]]))
+    # soft_rim: the soft target everywhere except the confident background beyond the rim, pulled to 0
+    assert torch.allclose(rim_targets(target, weight, box, soft, 1, "soft"),
+                          torch.tensor([[[0.9, 0.9, 0.6, 0.3, 0.0, 0.0, 0.0]]]))
+    # a box that is background everywhere has no rim: all 0
+    empty = torch.zeros_like(prob)
+    t0, w0 = pseudo_targets(prob * 0.1, box, torch.tensor([0.8]), 0.4)
+    assert torch.equal(rim_targets(t0, w0, box, soft_targets(prob * 0.1, box), 1), empty)
+
+
+def test_rim_pseudo_targets_are_used_by_the_loss(synth_data):
+    from boxmask.modeling.sim.pseudo_loss import rim_targets, soft_targets
+
+    competition = ["sim.instance_competition=true", "sim.tau_low=0.5", "sim.tau_high_min=0.5", "sim.tau_high_max=0.5"]
+    for kind, rest in (("rim", "hard"), ("soft_rim", "soft")):
+        sim, _, batch, aux, *_ = _sim_step(synth_data, [*competition, f"sim.pseudo_target={kind}", "sim.pseudo_rim=2"],
+                                           semantic=False)
+        pm = sim.pseudo_masks(batch, aux)
+        soft = soft_targets(pm["fused"], pm["box"], pm["claimed"])
+        want = rim_targets(pm["target"], pm["weight"], pm["box"], soft, 2, rest)
+        assert torch.equal(pm["loss_target"], want)
+
+
 def test_soft_pseudo_target_is_the_fused_map_on_the_confident_pixels(synth_data):
     # the untrained teacher's maps are near 0.5: thresholds at 0.5 make every box pixel confident
     competition = ["sim.instance_competition=true", "sim.tau_low=0.5", "sim.tau_high_min=0.5", "sim.tau_high_max=0.5"]

@@ -23,7 +23,7 @@ from .copy_paste import MemoryBank, box_pixel_masks, paste_batch
 from .photometric import strong_photometric
 from .prototypes import Prototypes
 from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, margin_ignored, pseudo_mask_loss, pseudo_targets,
-                          region_weight, soft_targets, split_pairs)
+                          region_weight, rim_targets, soft_targets, split_pairs)
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 
@@ -132,7 +132,12 @@ class SIM(nn.Module):
             claimed = claimed_by_rivals(m_i, box, g_img, batch["images"].shape[0], s.fg_thresh)
             target, weight = target.masked_fill(claimed, 0.0), weight.masked_fill(claimed, 1.0)
         # what the pseudo loss pulls the confident pixels to: M_hat, or the fused map itself
-        loss_target = soft_targets(fused, box, claimed) if s.pseudo_target == "soft" else target
+        loss_target = target
+        if s.pseudo_target == "soft":
+            loss_target = soft_targets(fused, box, claimed)
+        elif s.pseudo_target in ("rim", "soft_rim"):
+            loss_target = rim_targets(target, weight, box, soft_targets(fused, box, claimed), s.pseudo_rim,
+                                      "soft" if s.pseudo_target == "soft_rim" else "hard")
         # the teacher's own maps, before mask-supervised objects take their GT (what the GT can measure)
         out = {"teacher_m_i": m_i, "pseudo_target": target, "pseudo_weight": weight}
         g_has = aux.get("object_has_mask")

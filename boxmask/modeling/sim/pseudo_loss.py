@@ -57,6 +57,21 @@ def soft_targets(prob: torch.Tensor, box: torch.Tensor, claimed: torch.Tensor | 
     return soft if claimed is None else soft.masked_fill(claimed, 0.0)
 
 
+def rim_targets(target: torch.Tensor, weight: torch.Tensor, box: torch.Tensor, soft: torch.Tensor,
+                width: int = 1, rest: str = "hard") -> torch.Tensor:
+    """Targets that treat the rim of the confident background apart: the confident background within
+    ``width`` cells of the rest of the box (the pseudo foreground or the ignore band) takes the soft target
+    ``soft``. ``rest``: hard = M_hat's 0/1 elsewhere; soft = the soft target elsewhere too, except the
+    confident background beyond the rim, pulled to 0 (a colour-matched region deep in the box is pushed out
+    as with hard targets, while the object's own boundary keeps the teacher's values)."""
+    bg = (weight > 0) & (target == 0)
+    other = ((box > 0) & ~bg).float()[:, None]
+    near = F.max_pool2d(other, 2 * width + 1, stride=1, padding=width)[:, 0] > 0
+    if rest == "soft":
+        return soft.masked_fill(bg & ~near, 0.0)
+    return torch.where(bg & near, soft, target)
+
+
 def split_pairs(target: torch.Tensor, weight: torch.Tensor, size: int = 3, dilation: int = 2) -> torch.Tensor:
     """[N, h, w] pseudo target and weight -> [N, K, h, w]: 1 where a pixel and its neighbour are both
     confident and the pseudo label puts them on different sides (one foreground, one background)."""
