@@ -525,11 +525,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         _apply_override(cfg, ov, touched)
     validate(cfg)
-    _check_semantic_keys(cfg, touched)
-    _check_cut_keys(cfg, touched)
-    if cfg.method == "sim" and "sim.pseudo_rim" in touched and cfg.sim.pseudo_target not in ("rim", "soft_rim"):
-        raise ConfigError("config key 'sim.pseudo_rim' only acts with sim.pseudo_target=rim or soft_rim; got "
-                          f"sim.pseudo_target={cfg.sim.pseudo_target}")
+    _check_idle_keys(cfg, touched)
     cfg.user_keys = frozenset(touched)
     cfg.source = str(path or "")
     return cfg
@@ -539,30 +535,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 SEMANTIC_KEYS = ("sim.num_prototypes", "sim.tau", "sim.sinkhorn_eps", "sim.sinkhorn_iters", "sim.proto_momentum",
                  "sim.proto_pixels", "sim.proto_confidence", "sim.proto_erode", "sim.proto_from",
                  "sim.bg_prototypes", "sim.semantic_softmax", "sim.proto_warmup", "sim.alpha")
-
-
-def _check_semantic_keys(cfg: Config, touched: set[str]) -> None:
-    """A semantic-map key typed while the semantic map is off would be silently ignored: refuse it."""
-    if cfg.method != "sim" or cfg.sim.semantic:
-        return
-    idle = [k for k in SEMANTIC_KEYS if k in touched]
-    if idle:
-        raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
-                          f"{'act' if len(idle) > 1 else 'acts'} through the semantic map, which is off (sim.semantic=false, "
-                          "the default); add sim.semantic=true to use them")
-
-
-def _check_cut_keys(cfg: Config, touched: set[str]) -> None:
-    """The cut's confidence keys act only with the cut: typed without it, refuse them."""
-    if cfg.method != "sim" or cfg.sim.pairwise_pseudo_cut:
-        return
-    keys = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side",
+# keys that only act with the pairwise cut
+CUT_KEYS = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side",
             "sim.pairwise_cut_until")
+
+
+def _check_idle_keys(cfg: Config, touched: set[str]) -> None:
+    """A key typed while what it acts through is off would be silently ignored: refuse it."""
+    if cfg.method != "sim":
+        return
+    s = cfg.sim
+    if not s.semantic:
+        _refuse_idle(touched, SEMANTIC_KEYS, "through the semantic map, which is off (sim.semantic=false, the "
+                     "default); add sim.semantic=true to use them")
+    if not s.pairwise_pseudo_cut:
+        _refuse_idle(touched, CUT_KEYS, "with sim.pairwise_pseudo_cut=true, which is off; add it to use them")
+    if s.pseudo_target not in ("rim", "soft_rim"):
+        _refuse_idle(touched, ("sim.pseudo_rim",),
+                     f"with sim.pseudo_target=rim or soft_rim; got sim.pseudo_target={s.pseudo_target}")
+
+
+def _refuse_idle(touched: set[str], keys: tuple[str, ...], why: str) -> None:
+    """ConfigError naming the ``keys`` the user typed, if any: they only act ``why``."""
     idle = [k for k in keys if k in touched]
     if idle:
-        raise ConfigError(f"config key{'s' if len(idle) > 1 else ''} {', '.join(repr(k) for k in idle)} only "
-                          f"{'act' if len(idle) > 1 else 'acts'} with sim.pairwise_pseudo_cut=true, which is off; add it to use "
-                          "them")
+        many = len(idle) > 1
+        raise ConfigError(f"config key{'s' if many else ''} {', '.join(repr(k) for k in idle)} only "
+                          f"{'act' if many else 'acts'} {why}")
 
 
 def _yaml_chain(path: Path, depth: int = 0) -> list[dict]:

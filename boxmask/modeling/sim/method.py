@@ -133,11 +133,10 @@ class SIM(nn.Module):
             target, weight = target.masked_fill(claimed, 0.0), weight.masked_fill(claimed, 1.0)
         # what the pseudo loss pulls the confident pixels to: M_hat, or the fused map itself
         loss_target = target
-        if s.pseudo_target == "soft":
-            loss_target = soft_targets(fused, box, claimed)
-        elif s.pseudo_target in ("rim", "soft_rim"):
-            loss_target = rim_targets(target, weight, box, soft_targets(fused, box, claimed), s.pseudo_rim,
-                                      "soft" if s.pseudo_target == "soft_rim" else "hard")
+        if s.pseudo_target != "hard":
+            soft = soft_targets(fused, box, claimed)
+            loss_target = soft if s.pseudo_target == "soft" else rim_targets(
+                target, weight, box, soft, s.pseudo_rim, "soft" if s.pseudo_target == "soft_rim" else "hard")
         # the teacher's own maps, before mask-supervised objects take their GT (what the GT can measure)
         out = {"teacher_m_i": m_i, "pseudo_target": target, "pseudo_weight": weight}
         g_has = aux.get("object_has_mask")
