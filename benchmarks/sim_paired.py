@@ -139,6 +139,13 @@ ARMS["sim-pw1"] = ("sim", "train.json", ["sim.pseudo_weight=1.0"])
 # soft, with the confident background beyond one cell of the rest of the box pulled to 0 (a colour-matched
 # region deep in the box pushed out as with hard targets): the same as soft (near-colour +0.022, plain -0.002)
 ARMS["sim-soft-rim"] = ("sim", "train.json", ["sim.pseudo_target=soft_rim"])
+# hard targets from the switch-on (20%) until 60% of the schedule, soft after: the hard stage teaches the
+# teacher that a colour-matched region is background, the soft stage lets small objects' rims grow back
+# (screen_hard_until.md, seed 1: near-colour +0.032, plain -0.005; the default +0.023, -0.001)
+ARMS["sim-hard-until0.6"] = ("sim", "train.json", ["sim.hard_target_until=0.6"])
+# hard targets only for the objects whose pseudo label splits at least 0.5% of their colour-linked pairs (on
+# the seed-1 default's val objects: 45% of the near-colour ones, 11% of the plain ones, 61% of the overlaps)
+ARMS["sim-hard-share0.005"] = ("sim", "train.json", ["sim.hard_target_min_share=0.005"])
 
 
 def make_data(folder: Path, num_train: int, num_val: int, size: int, seed: int) -> None:

@@ -168,6 +168,14 @@ class SimConfig:
     # pseudo_target=rim / soft_rim: the rim's width, in mask cells of confident background next to the rest
     # of the box (pseudo foreground or ignore band)
     pseudo_rim: int = 1
+    # hard (0/1) targets from the switch-on until this fraction of the schedule, then pseudo_target's own
+    # (0 = never): the hard stage teaches the teacher that a colour-matched region is background, the
+    # soft stage lets the rims of small objects grow back
+    hard_target_until: float = 0.0
+    # hard targets (whatever pseudo_target) for the objects whose pseudo label splits at least this share of
+    # their colour-linked neighbour pairs (0 = none): where a colour-matched region borders the pseudo
+    # foreground a 0 pushes it out, elsewhere the soft target keeps the rim
+    hard_target_min_share: float = 0.0
     # pseudo background within this many mask cells of the pseudo foreground is ignored rather than confident
     # (0 = none): self-training shrinks masks at the rim, and a confident background ring there feeds the
     # shrinkage back through the pseudo loss and the pairwise cut (measured with the cut and hard targets:
@@ -319,6 +327,7 @@ RANGES: dict[str, str] = {
     "sim.sinkhorn_iters": ">= 1", "sim.proto_momentum": "[0, 1)", "sim.mu": ">= 0", "sim.alpha": "[0, 1]",
     "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
     "sim.pseudo_weight": ">= 0", "sim.pseudo_bg_margin": ">= 0", "sim.pseudo_rim": "[1, 8]", "sim.warmup_frac": "[0, 1]",
+    "sim.hard_target_until": "[0, 1]", "sim.hard_target_min_share": "[0, 1]",
     "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
     "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
@@ -553,6 +562,9 @@ def _check_idle_keys(cfg: Config, touched: set[str]) -> None:
     if s.pseudo_target not in ("rim", "soft_rim"):
         _refuse_idle(touched, ("sim.pseudo_rim",),
                      f"with sim.pseudo_target=rim or soft_rim; got sim.pseudo_target={s.pseudo_target}")
+    if s.pseudo_target == "hard":
+        _refuse_idle(touched, ("sim.hard_target_until", "sim.hard_target_min_share"),
+                     "with sim.pseudo_target other than hard (its targets are hard throughout)")
 
 
 def _refuse_idle(touched: set[str], keys: tuple[str, ...], why: str) -> None:
@@ -645,6 +657,9 @@ def validate(cfg: Config) -> None:
     if s.pairwise_pseudo_cut and s.pairwise_cut_until <= s.warmup_frac:
         raise ConfigError(f"config key 'sim.pairwise_cut_until' ({s.pairwise_cut_until:g}) must be above "
                           f"sim.warmup_frac ({s.warmup_frac:g}): the cut acts only once self-training is on")
+    if 0 < s.hard_target_until <= s.warmup_frac:
+        raise ConfigError(f"config key 'sim.hard_target_until' ({s.hard_target_until:g}) must be 0 or above "
+                          f"sim.warmup_frac ({s.warmup_frac:g}): the pseudo loss acts only once self-training is on")
     if not s.tau_low <= s.tau_high_min <= s.tau_high_max:
         raise ConfigError(f"config keys 'sim.tau_low' <= 'sim.tau_high_min' <= 'sim.tau_high_max' must hold, got "
                           f"{s.tau_low:g}, {s.tau_high_min:g}, {s.tau_high_max:g}")

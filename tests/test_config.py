@@ -247,6 +247,18 @@ def test_cut_confidence_keys_are_refused_without_the_cut():
         load_config(None, ["method=sim", "sim.pseudo_target=rim", "sim.pseudo_rim=0"])
     assert load_config(None, ["method=sim", "sim.pseudo_target=rim", "sim.pseudo_rim=2"]).sim.pseudo_rim == 2
     assert load_config(None, ["method=sim", "sim.pseudo_target=soft_rim", "sim.pseudo_rim=2"]).sim.pseudo_rim == 2
+    with pytest.raises(ConfigError, match=r"'sim\.hard_target_until' only acts with sim\.pseudo_target other than hard"):
+        load_config(None, ["method=sim", "sim.pseudo_target=hard", "sim.hard_target_until=0.6"])
+    with pytest.raises(ConfigError, match=r"'sim\.hard_target_until' \(0\.3\) must be 0 or above sim\.warmup_frac \(0\.4\)"):
+        load_config(None, ["method=sim", "sim.warmup_frac=0.4", "sim.hard_target_until=0.3"])
+    with pytest.raises(ConfigError, match=r"sim\.hard_target_until"):
+        load_config(None, ["method=sim", "sim.hard_target_until=1.5"])
+    assert load_config(None, ["method=sim", "sim.warmup_frac=0.2", "sim.hard_target_until=0.6"]).sim.hard_target_until == 0.6
+    with pytest.raises(ConfigError, match=r"'sim\.hard_target_min_share' only acts with sim\.pseudo_target other"):
+        load_config(None, ["method=sim", "sim.pseudo_target=hard", "sim.hard_target_min_share=0.01"])
+    with pytest.raises(ConfigError, match=r"sim\.hard_target_min_share"):
+        load_config(None, ["method=sim", "sim.hard_target_min_share=-0.1"])
+    assert load_config(None, ["method=sim", "sim.hard_target_min_share=0.01"]).sim.hard_target_min_share == 0.01
 
 
 def test_semantic_map_keys_are_refused_while_the_semantic_map_is_off():

@@ -834,6 +834,57 @@ def test_soft_pseudo_target_is_the_fused_map_on_the_confident_pixels(synth_data)
     assert losses_s["loss_pseudo"].item() != pytest.approx(losses_h["loss_pseudo"].item())
 
 
+def test_hard_target_until_trains_on_m_hat_first_then_on_the_soft_target(synth_data):
+    """sim.hard_target_until: hard targets from the switch-on until that fraction of the schedule, the
+    configured (soft) targets after; the pseudo loss of a step equals the plain hard / soft one."""
+    from boxmask.modeling.criterion import hard_targets_on
+
+    competition = ["sim.instance_competition=true", "sim.tau_low=0.5", "sim.tau_high_min=0.5", "sim.tau_high_max=0.5"]
+    sched = ["solver.max_iters=100", "sim.warmup_frac=0.2"]
+    sim, model, batch, aux, losses_s, *_ = _sim_step(synth_data, [*competition, *sched, "sim.hard_target_until=0.6"],
+                                                     semantic=False)
+    cfg = sim.cfg
+    assert [hard_targets_on(cfg, i) for i in (19, 20, 59, 60, 99)] == [False, True, True, False, False]
+    assert all(hard_targets_on(load_config(None, ["method=sim", "sim.pseudo_target=hard"]), i) for i in (0, 50))
+    hard, _ = sim.losses(batch, aux, pseudo_on=True, hard_on=True)
+    _, _, _, _, losses_h, *_ = _sim_step(synth_data, [*competition, *sched, "sim.pseudo_target=hard"], semantic=False)
+    assert hard["loss_pseudo"].item() == pytest.approx(losses_h["loss_pseudo"].item(), rel=1e-6)
+    assert losses_s["loss_pseudo"].item() != pytest.approx(losses_h["loss_pseudo"].item())
+
+
+def test_hard_target_min_share_gives_hard_targets_to_the_objects_whose_pairs_the_label_splits(synth_data,
+                                                                                            monkeypatch):
+    """sim.hard_target_min_share: an instance whose pseudo label splits at least that share of its linked
+    neighbour pairs trains on M_hat's 0/1, the others on the soft target."""
+    from boxmask.modeling.sim.pseudo_loss import pseudo_mask_loss
+
+    sim, _, batch, aux, *_ = _sim_step(synth_data, semantic=False)
+    pm = sim.pseudo_masks(batch, aux)
+    box = pm["box"]
+    # even objects: the left three columns of the box foreground, the rest background (split pairs);
+    # odd ones: the whole box foreground (none)
+    cols = torch.arange(box.shape[-1], dtype=torch.float32)
+    left = torch.stack([(cols <= (cols[b.amax(0) > 0].min() + 2 if (b > 0).any() else -1)).float() for b in box])
+    odd = (torch.arange(box.shape[0]) % 2 == 1).float()[:, None, None]
+    hand = {**pm, "target": box * torch.maximum(left[:, None, :], odd), "weight": box}
+    monkeypatch.setattr(sim, "pseudo_masks", lambda *a, **k: hand)
+    share = sim._split_share(aux, hand)[2]
+    gate = share > 0
+    assert gate.any() and not gate.all() and not gate[(pm["group"] % 2) == 1].any()
+    sim.cfg.sim.hard_target_min_share = 1e-6
+    extra, stats = sim.losses(batch, aux, pseudo_on=True)
+    g = pm["group"]
+    want = torch.where(gate[:, None, None], hand["target"][g], pm["loss_target"][g])
+    per_inst = pseudo_mask_loss(aux["mask_logits"][:, 0], want, box[g])
+    assert extra["loss_pseudo"].item() == pytest.approx(per_inst.mean().item(), rel=1e-5)
+    assert stats["hard_target_share"].item() == pytest.approx(gate.float().mean().item())
+    sim.cfg.sim.hard_target_min_share = 0.0  # off: the soft target for every instance
+    off, _ = sim.losses(batch, aux, pseudo_on=True)
+    soft = pseudo_mask_loss(aux["mask_logits"][:, 0], pm["loss_target"][g], box[g]).mean()
+    assert off["loss_pseudo"].item() == pytest.approx(soft.item(), rel=1e-5)
+    assert off["loss_pseudo"].item() != pytest.approx(extra["loss_pseudo"].item())
+
+
 def test_margin_ignores_the_background_ring_around_the_pseudo_foreground():
     from boxmask.modeling.sim.pseudo_loss import margin_ignored
 

@@ -24,7 +24,7 @@ from ..evaluation.coco_eval import format_table
 from ..evaluation.diagnostics import ap_gap_warning, degenerate_warning, fill_and_spill_from_logits, short_run_warning, spill_warning
 from ..evaluation.evaluator import box_fill, gt_box_mask_quality, predict_dataset, score
 from ..modeling.condinst import CondInst
-from ..modeling.criterion import pairwise_cut_on, sim_switched_on, total_loss
+from ..modeling.criterion import hard_targets_on, pairwise_cut_on, sim_switched_on, total_loss
 from ..modeling.sim.method import SIM
 from ..atomic_io import atomic_write_text
 from ..visualize import grid
@@ -561,7 +561,7 @@ def _train_steps(cfg, model, sim, optimizer, scaler, autocast, device, train_set
             losses, aux = runner(batch, return_aux=True)
             if sim is not None:
                 extra, stats = sim.losses(batch, aux, pseudo_on=sim_switched_on(cfg, it),
-                                          cut_on=pairwise_cut_on(cfg, it))
+                                          cut_on=pairwise_cut_on(cfg, it), hard_on=hard_targets_on(cfg, it))
                 losses.update(extra)
         stats["box_fill"], stats["box_fill_over_95"], stats["box_spill"] = train_fill(aux, cfg.model.mask_out_stride)
         if cfg.tb_image_period and it % cfg.tb_image_period == 0:

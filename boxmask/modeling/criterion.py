@@ -20,6 +20,13 @@ def pairwise_cut_on(cfg: Config, iteration: int) -> bool:
             and iteration < cfg.sim.pairwise_cut_until * cfg.solver.max_iters)
 
 
+def hard_targets_on(cfg: Config, iteration: int) -> bool:
+    """Whether the pseudo loss pulls to M_hat's 0/1 at this step: with ``sim.pseudo_target=hard``, or from
+    the switch-on until ``sim.hard_target_until`` of the schedule."""
+    return cfg.sim.pseudo_target == "hard" or (sim_switched_on(cfg, iteration)
+                                               and iteration < cfg.sim.hard_target_until * cfg.solver.max_iters)
+
+
 def pseudo_weight(cfg: Config, iteration: int) -> float:
     """lambda1 after SIM's warm-up (a fraction of the schedule), with an optional linear ramp."""
     if not sim_switched_on(cfg, iteration):

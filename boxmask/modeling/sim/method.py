@@ -154,13 +154,14 @@ class SIM(nn.Module):
                     "student": student, "teacher_feats": t_feats, "teacher_z": z_t, "claimed": claimed})
         return out
 
-    def losses(self, batch: dict, aux: dict, pseudo_on: bool,
-               cut_on: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def losses(self, batch: dict, aux: dict, pseudo_on: bool, cut_on: bool | None = None,
+               hard_on: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """SIM's loss terms (unweighted) and statistics for the log (NaN where there is nothing to measure);
         updates the prototypes and fills the bank. ``pseudo_on``: the self-training stage has begun (past
         ``warmup_frac``), whatever the pseudo loss's weight: with ``pseudo_weight=0`` copy-paste still runs.
         ``cut_on``: the pairwise cut acts at this step (``criterion.pairwise_cut_on``; None: whenever
-        ``pairwise_pseudo_cut`` and ``pseudo_on``)."""
+        ``pairwise_pseudo_cut`` and ``pseudo_on``). ``hard_on``: the pseudo loss pulls to M_hat's 0/1 at
+        this step whatever ``pseudo_target`` (``criterion.hard_targets_on``)."""
         s = self.cfg.sim
         logits = aux["mask_logits"]
         out: dict[str, torch.Tensor] = {}
@@ -173,8 +174,15 @@ class SIM(nn.Module):
         if pseudo_on and s.pseudo_weight > 0:
             target = pm["target"][pm["group"]]
             weight = region_weight(target, pm["weight"][pm["group"]], s.pseudo_region)
-            # hard targets (the default) are M_hat itself: no second gather
-            loss_target = target if pm["loss_target"] is pm["target"] else pm["loss_target"][pm["group"]]
+            # hard targets are M_hat itself: no second gather
+            hard = hard_on or pm["loss_target"] is pm["target"]
+            loss_target = target if hard else pm["loss_target"][pm["group"]]
+            if not hard and s.hard_target_min_share > 0:
+                # hard targets for the instances whose pseudo label splits that share of their linked pairs
+                share = self._split_share(aux, pm)[2]
+                gate = share >= s.hard_target_min_share
+                loss_target = torch.where(gate[:, None, None], target, loss_target)
+                stats["hard_target_share"] = gate.float().mean()
             per_inst = pseudo_mask_loss(logits[:, 0], loss_target, weight, s.pseudo_loss)
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
@@ -290,22 +298,12 @@ class SIM(nn.Module):
         confidently splits left out; ``stats["pairwise_cut"]``: the share of the term's pairs it leaves out)."""
         lc, s = self.cfg.loss, self.cfg.sim
         logits = aux["mask_logits"]
-        box_masks = aux["box_masks"]
-        if "has_mask" in aux:  # mask-supervised objects keep their GT Dice only, as with the colour term
-            box_masks = box_masks * (~aux["has_mask"]).to(box_masks.dtype)[:, None, None]
-        sim, thresh = aux["color_sim"], lc.pairwise_color_thresh
-        if s.pairwise_feat_sim:
-            f = pm["teacher_feats"]  # the teacher's mask features at mask resolution, not normalised
-            diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
-            sim, thresh = sim * torch.exp(-torch.linalg.vector_norm(diff, dim=1)), s.pairwise_feat_thresh
+        box_masks = self._pairwise_boxes(aux)
+        sim, thresh = self._pair_affinity(aux, pm)
         keep = None
         if cut:
-            target, weight = cut_sides(pm["target"], pm["weight"], pm["fused"], pm["claimed"], s.pairwise_cut_high,
-                                       s.pairwise_cut_low)
-            split = split_pairs(target[pm["group"]], weight[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
-            counted = (sim[aux["inst"]["image"]] >= thresh).float() * box_masks[:, None]
+            split, counted, share = self._split_share(aux, pm)
             if s.pairwise_cut_min_share > 0:  # per instance: the share of its pairs the cut would leave out
-                share = (counted * split).flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1.0)
                 split = split * (share >= s.pairwise_cut_min_share).to(split.dtype)[:, None, None, None]
             if s.pairwise_cut_min_side > 0:  # per instance: its box's shorter side on the mask grid
                 side = torch.minimum(box_masks.amax(2).sum(1), box_masks.amax(1).sum(1))
@@ -315,6 +313,39 @@ class SIM(nn.Module):
                 stats["pairwise_cut"] = (counted * split).sum() / counted.sum().clamp_min(1.0)
         return boxinst_loss.pairwise_loss(logits, sim[aux["inst"]["image"]], box_masks, thresh, lc.pairwise_size,
                                           lc.pairwise_dilation, keep)
+
+    @staticmethod
+    def _pairwise_boxes(aux: dict) -> torch.Tensor:
+        """Per instance, the box cells the pairwise term covers: mask-supervised objects keep their GT Dice
+        only, as with the colour term."""
+        box_masks = aux["box_masks"]
+        if "has_mask" in aux:
+            box_masks = box_masks * (~aux["has_mask"]).to(box_masks.dtype)[:, None, None]
+        return box_masks
+
+    def _pair_affinity(self, aux: dict, pm: dict) -> tuple[torch.Tensor, float]:
+        """Per image, the pairwise term's neighbour affinity and the threshold that links a pair: colour,
+        or colour x teacher-feature similarity with ``sim.pairwise_feat_sim``."""
+        lc, s = self.cfg.loss, self.cfg.sim
+        if not s.pairwise_feat_sim:
+            return aux["color_sim"], lc.pairwise_color_thresh
+        f = pm["teacher_feats"]  # the teacher's mask features at mask resolution, not normalised
+        diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
+        return aux["color_sim"] * torch.exp(-torch.linalg.vector_norm(diff, dim=1)), s.pairwise_feat_thresh
+
+    @torch.no_grad()
+    def _split_share(self, aux: dict, pm: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per instance: the neighbour pairs the pseudo label confidently splits ([N, K, h, w], with the cut's
+        confidence keys), the linked pairs in its box the pairwise term counts, and the share of the latter
+        the former are (high where a colour-matched region borders the pseudo foreground)."""
+        lc, s = self.cfg.loss, self.cfg.sim
+        sim, thresh = self._pair_affinity(aux, pm)
+        target, weight = cut_sides(pm["target"], pm["weight"], pm["fused"], pm["claimed"], s.pairwise_cut_high,
+                                   s.pairwise_cut_low)
+        split = split_pairs(target[pm["group"]], weight[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
+        counted = (sim[aux["inst"]["image"]] >= thresh).float() * self._pairwise_boxes(aux)[:, None]
+        share = (counted * split).flatten(1).sum(1) / counted.flatten(1).sum(1).clamp_min(1.0)
+        return split, counted, share
 
     @torch.no_grad()
     def _update_prototypes(self, batch: dict, aux: dict, pm: dict) -> None:
