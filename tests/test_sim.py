@@ -885,6 +885,25 @@ def test_hard_target_min_share_gives_hard_targets_to_the_objects_whose_pairs_the
     assert off["loss_pseudo"].item() != pytest.approx(extra["loss_pseudo"].item())
 
 
+def test_texture_map_is_fused_into_the_pseudo_label(synth_data):
+    """sim.texture_map: the fused map becomes (1 - texture_weight) P + texture_weight M_T for the objects
+    whose texture map has cells on both sides (the others keep P), before the thresholds."""
+    sim, _, batch, aux, *_ = _sim_step(synth_data, semantic=False)
+    plain = sim.pseudo_masks(batch, aux)
+    assert plain["m_t"] is None
+    # the untrained teacher's in-box values are alike: thresholds at their median split every box in two
+    s = sim.cfg.sim
+    s.tau_low = s.tau_high_min = s.tau_high_max = float(plain["fused"][plain["box"] > 0].median())
+    plain = sim.pseudo_masks(batch, aux)
+    s.texture_map, s.texture_weight = True, 0.4
+    pm = sim.pseudo_masks(batch, aux)
+    mixed = 0.6 * plain["fused"] + 0.4 * pm["m_t"]
+    took = torch.isclose(pm["fused"], mixed).flatten(1).all(1)
+    assert took.any() and torch.equal(pm["fused"][~took], plain["fused"][~took])
+    assert not torch.equal(pm["fused"], plain["fused"])
+    assert pm["m_t"].shape == plain["fused"].shape and (pm["m_t"] * (pm["box"] == 0)).abs().max() == 0
+
+
 def test_margin_ignores_the_background_ring_around_the_pseudo_foreground():
     from boxmask.modeling.sim.pseudo_loss import margin_ignored
 

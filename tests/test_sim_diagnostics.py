@@ -63,7 +63,11 @@ def test_map_statistics_per_split():
     assert out["plain"]["objects"] == out["near_colour"]["objects"] == 1
     assert out["plain"]["auc"]["fused"]["pooled"] == 1.0
     table = format_sim_maps(out)
-    assert "near_colour" in table and "AUC M_I" in table
+    assert "near_colour" in table and "AUC M_I" in table and "m_t" not in a["auc"]
+    # the texture map, when SIM has one, is reported beside the others
+    stats.add([["all"], ["all"]], {"m_s": None, "m_i": m, "m_t": 1.0 - m, "fused": m}, target, weight, box, gt)
+    assert stats.summary()["all"]["auc"]["m_t"]["per_object"] == pytest.approx((0.0 + 0.5) / 2)
+    assert "AUC M_T" in format_sim_maps(stats.summary())
 
 
 def test_object_splits_follow_the_cases_field():

@@ -117,7 +117,7 @@ def gt_box_mask_quality(model, dataset: CocoDataset, cfg, device: torch.device, 
                 pseudo = _iou(pm["target"][covered] > 0, gt_g).tolist()
                 maps.add([splits[g] for g in groups.tolist()],
                          {"m_s": None if pm["m_s"] is None else pm["m_s"][covered], "m_i": pm["m_i"][covered],
-                          "fused": pm["fused"][covered]},
+                          "m_t": None if pm["m_t"] is None else pm["m_t"][covered], "fused": pm["fused"][covered]},
                          pm["target"][covered], pm["weight"][covered], pm["box"][covered], gt_g)
             else:
                 groups, _, _, student = merge_per_object(inst, aux["mask_logits"].float().sigmoid()[:, 0],

@@ -1,7 +1,7 @@
 """How well SIM's maps separate an object from its box's background, measured against GT masks.
 
-Inside each GT box (on the mask grid): the ROC AUC of the semantic map M_S, the instance map M_I and the
-fused map against the GT mask (pooled over the objects' pixels, and the mean of the per-object AUCs), and
+Inside each GT box (on the mask grid): the ROC AUC of the semantic map M_S, the instance map M_I, the
+texture map M_T and the fused map against the GT mask (pooled over the objects' pixels, and the mean of the per-object AUCs), and
 the precision and recall of the pseudo labels (pseudo foreground pixels that are GT foreground / GT
 foreground pixels labelled pseudo foreground; the same for background; the ignored band counts as neither).
 Objects are grouped by the ``cases`` their annotation lists (an object with two cases counts in both;
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-MAPS = ("m_s", "m_i", "fused")
+MAPS = ("m_s", "m_i", "m_t", "fused")
 BINS = 1 << 16  # pooled AUC: scores in [0, 1] on a 1/65535 grid (memory stays bounded on COCO-size sets)
 
 
@@ -77,7 +77,7 @@ class SimMapStats:
 
     def add(self, splits: list[list[str]], maps: dict[str, torch.Tensor | None], target: torch.Tensor,
             weight: torch.Tensor, box: torch.Tensor, gt: torch.Tensor) -> None:
-        """One batch of G objects: ``splits`` (the split names of each), ``maps`` (M_S, M_I, fused, each
+        """One batch of G objects: ``splits`` (the split names of each), ``maps`` (M_S, M_I, M_T, fused, each
         [G, h, w] or None), the pseudo ``target`` and ``weight``, the ``box`` region and the GT mask."""
         inside, gt = box > 0, gt.bool()
         fg = (target > 0) & inside
@@ -124,7 +124,7 @@ def object_splits(annotations: list[dict]) -> tuple[list[list[str]], bool]:
 
 def format_sim_maps(summary: dict) -> str:
     """A compact table of ``summary`` (one row per split)."""
-    head = (f"{'split':<20}{'objects':>8}  {'AUC M_S':>11}  {'AUC M_I':>11}  {'AUC fused':>11}"
+    head = (f"{'split':<20}{'objects':>8}  {'AUC M_S':>11}  {'AUC M_I':>11}  {'AUC M_T':>11}  {'AUC fused':>11}"
             f"  {'fg prec':>7} {'fg rec':>7} {'bg prec':>7} {'bg rec':>7} {'ignored':>7}")
     lines = ["SIM maps inside the GT boxes vs the GT masks (ROC AUC pooled/mean per object; pseudo labels' "
              "pixel precision and recall):", head]
@@ -134,7 +134,8 @@ def format_sim_maps(summary: dict) -> str:
         return f"{a['pooled']:.3f}/{a['per_object']:.3f}" if a else "-"
 
     for name, rec in summary.items():
-        lines.append(f"{name:<20}{rec['objects']:>8}  {auc(rec, 'm_s'):>11}  {auc(rec, 'm_i'):>11}  {auc(rec, 'fused'):>11}"
+        lines.append(f"{name:<20}{rec['objects']:>8}  {auc(rec, 'm_s'):>11}  {auc(rec, 'm_i'):>11}  {auc(rec, 'm_t'):>11}"
+                     f"  {auc(rec, 'fused'):>11}"
                      f"  {rec['pseudo_fg']['precision']:>7.3f} {rec['pseudo_fg']['recall']:>7.3f}"
                      f" {rec['pseudo_bg']['precision']:>7.3f} {rec['pseudo_bg']['recall']:>7.3f}"
                      f" {rec['pseudo_ignored']:>7.3f}")

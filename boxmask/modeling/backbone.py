@@ -138,3 +138,10 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats: OrderedDict = self.fpn(x)
         return list(feats.values())[: self.num_levels]
+
+    def levels_and_c3(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The pyramid levels and the body's stride-8 output (C3: low-level appearance, for SIM's texture
+        map), in one pass."""
+        body: OrderedDict = self.fpn.body(x)
+        feats: OrderedDict = self.fpn.fpn(body)
+        return list(feats.values())[: self.num_levels], next(iter(body.values()))

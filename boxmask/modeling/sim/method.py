@@ -26,6 +26,10 @@ from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, margin_ignor
                           region_weight, rim_targets, soft_targets, split_pairs)
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
+from .texture_map import background_ring, texture_map
+
+# the texture map's background outside the box: this many mask cells around it (16 px at stride 4)
+TEXTURE_RING = 4
 
 
 def select_pixels_on_host(device: torch.device) -> bool:
@@ -92,7 +96,7 @@ class SIM(nn.Module):
                            s.paste_replacement, s.paste_score_power)
 
     def _upsampled(self, mask_feats: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Stride-8 mask features -> mask resolution (aligned bilinear x2)."""
+        """Stride-8 features (mask features, C3) -> mask resolution (aligned bilinear x2)."""
         factor = self.cfg.model.fpn_strides[0] // self.cfg.model.mask_out_stride
         return aligned_bilinear(mask_feats, factor)[:, :, : hw[0], : hw[1]]
 
@@ -125,6 +129,11 @@ class SIM(nn.Module):
         fused = fuse(m_s, m_i if s.self_correction else None, s.alpha if s.semantic else 1.0)
         n_pos = ((m_i > s.fg_thresh) & (box > 0)).flatten(1).sum(1)
         tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
+        m_t = None
+        if s.texture_map:
+            with record_function("boxmask.sim.texture_map"):
+                m_t, fused = self._with_texture(aux, fused, box, tau_high, g_img, (h, w))
+            tau_high = adaptive_high_threshold(fused, box, n_pos, s.tau_high_min, s.tau_high_max)
         target, weight = pseudo_targets(fused, box, tau_high, s.tau_low)
         weight = margin_ignored(target, weight, s.pseudo_bg_margin)
         claimed = None
@@ -150,9 +159,23 @@ class SIM(nn.Module):
         student = merge_masks(logits.detach().float().sigmoid()[:, 0], weights, group, num_g)
         out.update({"groups": groups, "group": group, "has_pos": has_pos, "image": g_img, "cls": g_cls, "box": box,
                     "m_i": m_i, "m_s": m_s, "fused": fused, "target": target, "weight": weight, "tau_high": tau_high,
-                    "loss_target": loss_target,
+                    "loss_target": loss_target, "m_t": m_t,
                     "student": student, "teacher_feats": t_feats, "teacher_z": z_t, "claimed": claimed})
         return out
+
+    def _with_texture(self, aux: dict, fused: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor,
+                      g_img: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The texture map M_T of every object (its own cells: the pseudo foreground of ``fused``; its
+        background: the confident in-box background and a ring outside the box) and the map fused with it;
+        an object with too few cells on either side keeps ``fused``."""
+        s = self.cfg.sim
+        feats = self._upsampled(aux["out"]["c3"].detach().float(), hw)  # C3 has the mask features' stride
+        in_box = box > 0
+        fg = (fused >= tau_high[:, None, None]) & in_box
+        bg = ((fused <= s.tau_low) & in_box) | background_ring(box, TEXTURE_RING)
+        m_t, valid = texture_map(feats, g_img, fg, bg, box, s.texture_tau)
+        mixed = (1.0 - s.texture_weight) * fused + s.texture_weight * m_t
+        return m_t, torch.where(valid[:, None, None], mixed, fused)
 
     def losses(self, batch: dict, aux: dict, pseudo_on: bool, cut_on: bool | None = None,
                hard_on: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
