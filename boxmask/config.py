@@ -141,6 +141,14 @@ class SimConfig:
     # sim.pseudo_target=hard
     semantic: bool = False
     self_correction: bool = True  # use the instance map M_I in the fusion
+    # texture map M_T (texture_map.py): per object, sigmoid((cos(f, p_fg) - cos(f, p_bg)) / texture_tau) on
+    # the backbone's stride-8 features f, p_fg / p_bg the mean of the object's confident cells / of its
+    # confident in-box background and a 4-cell ring outside the box; fused as
+    # (1 - texture_weight) P + texture_weight M_T before the pseudo label's thresholds. Off: screened on the
+    # textured benchmark, it gained on near-colour objects and lost on plain ones (README, SIM)
+    texture_map: bool = False
+    texture_weight: float = 0.25
+    texture_tau: float = 0.1
     # instance competition: a box pixel where another object of the image has the more confident instance
     # map (its M_I > fg_thresh and above this object's) is background in this object's pseudo label
     # (on by default: +7 mask AP on same-class overlaps over paired seeds)
@@ -170,11 +178,11 @@ class SimConfig:
     pseudo_rim: int = 1
     # hard (0/1) targets from the switch-on until this fraction of the schedule, then pseudo_target's own
     # (0 = never): the hard stage teaches the teacher that a colour-matched region is background, the
-    # soft stage lets the rims of small objects grow back
+    # soft stage lets the rims of small objects grow back (screened: it trades like the others, README, SIM)
     hard_target_until: float = 0.0
     # hard targets (whatever pseudo_target) for the objects whose pseudo label splits at least this share of
     # their colour-linked neighbour pairs (0 = none): where a colour-matched region borders the pseudo
-    # foreground a 0 pushes it out, elsewhere the soft target keeps the rim
+    # foreground a 0 pushes it out, elsewhere the soft target keeps the rim (screened: it trades, README, SIM)
     hard_target_min_share: float = 0.0
     # pseudo background within this many mask cells of the pseudo foreground is ignored rather than confident
     # (0 = none): self-training shrinks masks at the rim, and a confident background ring there feeds the
@@ -327,7 +335,8 @@ RANGES: dict[str, str] = {
     "sim.sinkhorn_iters": ">= 1", "sim.proto_momentum": "[0, 1)", "sim.mu": ">= 0", "sim.alpha": "[0, 1]",
     "sim.fg_thresh": "[0, 1]", "sim.tau_high_min": "[0, 1]", "sim.tau_high_max": "[0, 1]", "sim.tau_low": "[0, 1]",
     "sim.pseudo_weight": ">= 0", "sim.pseudo_bg_margin": ">= 0", "sim.pseudo_rim": "[1, 8]", "sim.warmup_frac": "[0, 1]",
-    "sim.hard_target_until": "[0, 1]", "sim.hard_target_min_share": "[0, 1]",
+    "sim.hard_target_until": "[0, 1]", "sim.hard_target_min_share": "[0, 1]", "sim.texture_weight": "[0, 1]",
+    "sim.texture_tau": "> 0",
     "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
     "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
@@ -544,6 +553,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 SEMANTIC_KEYS = ("sim.num_prototypes", "sim.tau", "sim.sinkhorn_eps", "sim.sinkhorn_iters", "sim.proto_momentum",
                  "sim.proto_pixels", "sim.proto_confidence", "sim.proto_erode", "sim.proto_from",
                  "sim.bg_prototypes", "sim.semantic_softmax", "sim.proto_warmup", "sim.alpha")
+# keys that only act through the texture map
+TEXTURE_KEYS = ("sim.texture_weight", "sim.texture_tau")
 # keys that only act with the pairwise cut
 CUT_KEYS = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side",
             "sim.pairwise_cut_until")
@@ -557,6 +568,9 @@ def _check_idle_keys(cfg: Config, touched: set[str]) -> None:
     if not s.semantic:
         _refuse_idle(touched, SEMANTIC_KEYS, "through the semantic map, which is off (sim.semantic=false, the "
                      "default); add sim.semantic=true to use them")
+    if not s.texture_map:
+        _refuse_idle(touched, TEXTURE_KEYS, "through the texture map, which is off; add sim.texture_map=true to "
+                     "use them")
     if not s.pairwise_pseudo_cut:
         _refuse_idle(touched, CUT_KEYS, "with sim.pairwise_pseudo_cut=true, which is off; add it to use them")
     if s.pseudo_target not in ("rim", "soft_rim"):
