@@ -325,7 +325,7 @@ class SIM(nn.Module):
         sim, thresh = self._pair_affinity(aux, pm)
         keep = None
         if cut:
-            split, counted, share = self._split_share(aux, pm)
+            split, counted, share = self._split_share(aux, pm, (sim, thresh))
             if s.pairwise_cut_min_share > 0:  # per instance: the share of its pairs the cut would leave out
                 split = split * (share >= s.pairwise_cut_min_share).to(split.dtype)[:, None, None, None]
             if s.pairwise_cut_min_side > 0:  # per instance: its box's shorter side on the mask grid
@@ -357,12 +357,14 @@ class SIM(nn.Module):
         return aux["color_sim"] * torch.exp(-torch.linalg.vector_norm(diff, dim=1)), s.pairwise_feat_thresh
 
     @torch.no_grad()
-    def _split_share(self, aux: dict, pm: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _split_share(self, aux: dict, pm: dict, affinity: tuple[torch.Tensor, float] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per instance: the neighbour pairs the pseudo label confidently splits ([N, K, h, w], with the cut's
         confidence keys), the linked pairs in its box the pairwise term counts, and the share of the latter
-        the former are (high where a colour-matched region borders the pseudo foreground)."""
+        the former are (high where a colour-matched region borders the pseudo foreground). ``affinity``:
+        ``_pair_affinity``'s answer, when the caller has it."""
         lc, s = self.cfg.loss, self.cfg.sim
-        sim, thresh = self._pair_affinity(aux, pm)
+        sim, thresh = affinity or self._pair_affinity(aux, pm)
         target, weight = cut_sides(pm["target"], pm["weight"], pm["fused"], pm["claimed"], s.pairwise_cut_high,
                                    s.pairwise_cut_low)
         split = split_pairs(target[pm["group"]], weight[pm["group"]], lc.pairwise_size, lc.pairwise_dilation)
