@@ -142,10 +142,11 @@ class SimConfig:
     semantic: bool = False
     self_correction: bool = True  # use the instance map M_I in the fusion
     # texture map M_T (texture_map.py): per object, sigmoid((cos(f, p_fg) - cos(f, p_bg)) / texture_tau) on
-    # the student backbone's stride-8 features f (detached; whatever the teacher's backbone), p_fg / p_bg the mean of the object's confident cells / of its
-    # confident in-box background and a 4-cell ring outside the box; fused as
-    # (1 - texture_weight) P + texture_weight M_T before the pseudo label's thresholds. Off: screened on the
-    # textured benchmark, it gained on near-colour objects and lost on plain ones (README, SIM)
+    # the student backbone's stride-8 features f (detached; whatever the teacher's backbone), p_fg / p_bg the
+    # mean of the object's confident cells / of its confident in-box background and a 4-cell ring outside
+    # the box; fused as (1 - texture_weight) P + texture_weight M_T before the pseudo label's thresholds.
+    # Off: screened on the textured benchmark, it gained on near-colour objects and lost on plain ones
+    # (README, SIM)
     texture_map: bool = False
     texture_weight: float = 0.25
     texture_tau: float = 0.1

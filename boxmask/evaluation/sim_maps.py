@@ -1,9 +1,10 @@
 """How well SIM's maps separate an object from its box's background, measured against GT masks.
 
 Inside each GT box (on the mask grid): the ROC AUC of the semantic map M_S, the instance map M_I, the
-texture map M_T and the fused map against the GT mask (pooled over the objects' pixels, and the mean of the per-object AUCs), and
-the precision and recall of the pseudo labels (pseudo foreground pixels that are GT foreground / GT
-foreground pixels labelled pseudo foreground; the same for background; the ignored band counts as neither).
+texture map M_T and the fused map against the GT mask (pooled over the objects' pixels, and the mean of the
+per-object AUCs), and the precision and recall of the pseudo labels (pseudo foreground pixels that are GT
+foreground / GT foreground pixels labelled pseudo foreground; the same for background; the ignored band
+counts as neither).
 Objects are grouped by the ``cases`` their annotation lists (an object with two cases counts in both;
 one with none is ``plain``); every object counts in ``all``."""
 from __future__ import annotations

@@ -39,6 +39,11 @@ def pseudo_targets(prob: torch.Tensor, box: torch.Tensor, tau_high: torch.Tensor
     return target, weight
 
 
+def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """[N, h, w] masks -> bool: the cells within ``radius`` cells (a square) of a nonzero one."""
+    return F.max_pool2d(masks.float()[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+
+
 def margin_ignored(target: torch.Tensor, weight: torch.Tensor, margin: int) -> torch.Tensor:
     """The weight with the pseudo background within ``margin`` cells of the pseudo foreground ignored: the
     teacher's boundary on the mask grid is often a cell inside the object (its masks shrink under
@@ -65,8 +70,7 @@ def rim_targets(target: torch.Tensor, weight: torch.Tensor, box: torch.Tensor, s
     confident background beyond the rim, pulled to 0 (a colour-matched region deep in the box is pushed out
     as with hard targets, while the object's own boundary keeps the teacher's values)."""
     bg = (weight > 0) & (target == 0)
-    other = ((box > 0) & ~bg).float()[:, None]
-    near = F.max_pool2d(other, 2 * width + 1, stride=1, padding=width)[:, 0] > 0
+    near = dilate((box > 0) & ~bg, width)
     if rest == "soft":
         return soft.masked_fill(bg & ~near, 0.0)
     return torch.where(bg & near, soft, target)

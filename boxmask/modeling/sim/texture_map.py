@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pseudo_loss import dilate
+
 
 def background_ring(box: torch.Tensor, width: int) -> torch.Tensor:
     """[G, h, w] box masks -> the cells within ``width`` cells outside each box (certain background for it)."""
-    inside = box > 0
-    grown = F.max_pool2d(inside.float()[:, None], 2 * width + 1, 1, width)[:, 0] > 0
-    return grown & ~inside
+    return dilate(box, width) & ~(box > 0)
 
 
 def texture_map(feats: torch.Tensor, image: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, box: torch.Tensor,
