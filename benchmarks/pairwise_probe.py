@@ -12,11 +12,13 @@ pair from a pair inside one side. Per object split, over the colour-linked in-bo
 * ``gt_split``: the share of the pairs that cross the GT boundary (the harmful links);
 * the pairwise cut (``sim.pairwise_pseudo_cut``): how many pairs the pseudo label splits, and how many of
   those the GT splits too (``cut_right``) or not (``cut_wrong``, a pair inside one side left out);
-* the teacher's feature similarity (cosine of its normalised mask features, as a feature-gated affinity
-  would use it): for each threshold, the share of GT-crossing pairs and of same-side pairs below it. A
-  signal that separates the two removes many more of the first than of the second.
+* a feature similarity (``--features mask``: cosine of the teacher's normalised mask features, as a
+  feature-gated affinity would use it; ``c3``: of the student backbone's stride-8 features, as
+  ``sim.pairwise_texture_thresh`` uses it): for each threshold, the share of GT-crossing pairs and of
+  same-side pairs below it. A signal that separates the two removes many more of the first than of the
+  second.
 
-Results: benchmarks/results/pairwise_probe.{json,md}. Not a test.
+Results: benchmarks/results/NAME.{json,md} (``--name``, default pairwise_probe). Not a test.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from boxmask.modeling.color import unfold_neighbours  # noqa: E402
 from boxmask.modeling.condinst import gt_masks_on_grid  # noqa: E402
 from boxmask.modeling.sim.pseudo_loss import split_pairs  # noqa: E402
 
-THRESHOLDS = (0.2, 0.4, 0.6)
+THRESHOLDS = (0.2, 0.4, 0.5, 0.6, 0.7)
 COUNTS = ("linked", "gt_split", "cut", "cut_right", "cut_wrong")
 
 
@@ -60,8 +62,10 @@ def pair_counts(linked: torch.Tensor, gt_split: torch.Tensor, cut: torch.Tensor,
     return out
 
 
-def probe_run(run: Path, data: Path, max_images: int) -> dict[str, dict[str, float]]:
-    """Per split, the pair counts summed over the val objects with positives (the first ``max_images``)."""
+def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") -> dict[str, dict[str, float]]:
+    """Per split, the pair counts summed over the val objects with positives (the first ``max_images``);
+    ``features``: the cosines of the teacher's mask features (``mask``) or of the student backbone's stride-8
+    features (``c3``, what ``sim.pairwise_texture_thresh`` gates on)."""
     model, state = model_from_checkpoint(run, "cpu")
     sim = sim_from_checkpoint(model, state)
     if sim is None:
@@ -92,7 +96,8 @@ def probe_run(run: Path, data: Path, max_images: int) -> dict[str, dict[str, flo
             cut = split_pairs(pm["target"], pm["weight"], size, dil).expand(-1, size * size - 1, -1, -1) > 0
             gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
             linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
-            z = F.normalize(pm["teacher_feats"][pm["image"]], dim=1)
+            f = pm["teacher_feats"] if features == "mask" else sim._upsampled(aux["out"]["c3"].float(), (h, w))
+            z = F.normalize(f[pm["image"]], dim=1)
             cos = (z[:, :, None] * unfold_neighbours(z, size, dil)).sum(1)
             for g in torch.nonzero(pm["has_pos"]).flatten().tolist():
                 counts = pair_counts(linked[g], gt_split[g], cut[g], cos[g])
@@ -114,14 +119,15 @@ def shares(c: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def to_markdown(results: dict, data: Path) -> str:
+def to_markdown(results: dict, data: Path, features: str = "mask") -> str:
     lines = ["# Colour-linked pairs across the true boundary, and what SIM's signals make of them", "",
              f"Val objects of `{data.name}`, GT masks as the judge. Pairs: the colour-linked in-box neighbour pairs "
              "of BoxInst's pairwise term. *crossing*: share of them the GT splits (what pulls background into "
              "the mask); *cut*: share of them the pairwise cut leaves out; *cut right*: share of the pseudo "
              "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; "
-             "*cos < t*: share of the crossing pairs / of the same-side pairs whose teacher-feature cosine is "
-             "below t.", ""]
+             "*cos < t*: share of the crossing pairs / of the same-side pairs whose feature cosine is below t; "
+             + ("the teacher's mask features." if features == "mask" else "the student backbone's stride-8 "
+                "features (C3).") , ""]
     for run, by_split in results.items():
         lines += [f"## {run}", "", "| split | objects | pairs | crossing | cut | cut right | cut catches | "
                   + " | ".join(f"cos < {t}" for t in THRESHOLDS) + " |", "|---|" + "---|" * (6 + len(THRESHOLDS))]
@@ -139,16 +145,19 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", required=True, help="SIM run folders")
     ap.add_argument("--data", required=True, help="a `boxmask synth --kind textured` folder (val.json with masks)")
     ap.add_argument("--max-images", type=int, default=0, help="the first N val images (0: all)")
-    ap.add_argument("--results", default=str(ROOT / "results"), help="folder for pairwise_probe.json and .md")
+    ap.add_argument("--results", default=str(ROOT / "results"), help="folder for NAME.json and .md")
+    ap.add_argument("--name", default="pairwise_probe")
+    ap.add_argument("--features", choices=("mask", "c3"), default="mask",
+                    help="whose cosines: the teacher's mask features or the backbone's stride-8 features")
     args = ap.parse_args()
     data = Path(args.data)
-    results = {Path(r).name: probe_run(Path(r), data, args.max_images) for r in args.runs}
+    results = {Path(r).name: probe_run(Path(r), data, args.max_images, args.features) for r in args.runs}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pairwise_probe.json").write_text(json.dumps({"data": str(data), "thresholds": THRESHOLDS,
-                                                         "results": results}, indent=2))
-    md = to_markdown(results, data)
-    (out / "pairwise_probe.md").write_text(md)
+    (out / f"{args.name}.json").write_text(json.dumps({"data": str(data), "features": args.features,
+                                                       "thresholds": THRESHOLDS, "results": results}, indent=2))
+    md = to_markdown(results, data, args.features)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
 
 

@@ -2,7 +2,9 @@
 
     python benchmarks/step_time.py [--steps 20] [--methods boxinst,sim,full]
 
-``--methods`` takes the variant names of ``mask_learning.py`` (a method plus config overrides).
+``--methods`` takes the variant names of ``mask_learning.py`` (a method plus config overrides), each
+optionally at a capacity of ``capacity.py`` (``sim-on@wide256``: that variant with the capacity's keys), so
+step times of different model sizes are compared in the same rotation.
 
 Every method trains its own model on the same pre-loaded batches (data loading excluded). The methods
 take turns step by step, in a rotating order, so a slow spell of the machine hits them all alike;
@@ -26,18 +28,29 @@ from boxmask.atomic_io import atomic_write_text
 from boxmask.engine.trainer import build_model, build_optimizer
 from boxmask.modeling.criterion import total_loss
 from boxmask.modeling.sim.method import SIM
+from capacity import CAPACITIES
 from mask_learning import VARIANTS
 
 ROOT = Path(__file__).resolve().parent
 
 
-def training_batches(variant: str, config: str, num: int, device: str = "cpu"):
+def variant(name: str) -> tuple[str, list[str]]:
+    """(method, config overrides) of ``VARIANT`` or ``VARIANT@CAPACITY``."""
+    base, _, capacity = name.partition("@")
+    if base not in VARIANTS or (capacity and capacity not in CAPACITIES):
+        raise SystemExit(f"step_time: unknown method {name!r}; variants: {', '.join(VARIANTS)}; "
+                         f"capacities (after @): {', '.join(CAPACITIES)}")
+    method, _, extra = VARIANTS[base]
+    return method, [*extra, *(CAPACITIES[capacity] if capacity else [])]
+
+
+def training_batches(name: str, config: str, num: int, device: str = "cpu"):
     """(config, ``num`` collated training batches of the step-time data set, number of classes) for a
     ``mask_learning.py`` variant; the data (64 synthetic 128 px images) is generated on first use."""
     data = ROOT / "work" / "synth_step_time"
     if not (data / "train_full.json").is_file():
         generate(data, 64, 4, 128, 0, show_progress=False)
-    method, _, extra = VARIANTS[variant]
+    method, extra = variant(name)
     # a 2-entry bank is full after the first warm-up step: copy-paste (p = 0.5) is live in every timed step
     cfg = load_config(config, [f"method={method}", f"device={device}", *extra, "sim.bank_length=2"])
     ds = CocoDataset(data / "train_full.json", data / "images")

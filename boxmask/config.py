@@ -197,6 +197,10 @@ class SimConfig:
     student_aug: bool = False
     pairwise_feat_sim: bool = False  # code-only: colour x teacher-feature similarity in the pairwise term
     pairwise_feat_thresh: float = 0.1
+    # the pairwise term links two neighbours only where the student backbone's stride-8 features (C3,
+    # detached) agree as well, cosine >= this (0 = off: colour alone). A colour-matched background region
+    # keeps the background's texture, so its links to the object break more often than links inside one side
+    pairwise_texture_thresh: float = 0.0
     # from the pseudo loss's switch-on, the pairwise term drops the neighbour pairs the pseudo label
     # confidently splits (one pixel foreground, the other background): a colour-matched background region
     # inside the box is then no longer pulled into the mask by its colour while the pseudo loss pushes it out
@@ -339,7 +343,7 @@ RANGES: dict[str, str] = {
     "sim.hard_target_until": "[0, 1]", "sim.hard_target_min_share": "[0, 1]", "sim.texture_weight": "[0, 1]",
     "sim.texture_tau": "> 0",
     "sim.ramp_frac": "[0, 1]",
-    "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_cut_high": "[0, 1]",
+    "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_texture_thresh": "[0, 1)", "sim.pairwise_cut_high": "[0, 1]",
     "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
     "sim.pairwise_cut_until": "[0, 1]",
     "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",

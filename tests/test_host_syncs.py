@@ -43,12 +43,12 @@ class HostSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method", ["boxinst", "sim", "sim-texture"])
+@pytest.mark.parametrize("method", ["boxinst", "sim", "sim-texture", "sim-texgate"])
 @pytest.mark.parametrize("images", [2, 4])
 def test_one_host_sync_per_step(synth_data, method, images, monkeypatch):
     # the device path (on a CPU, the prototype update selects its pixels with a sync that costs nothing)
     monkeypatch.setattr(sim_method, "select_pixels_on_host", lambda device: False)
-    texture = ["sim.texture_map=true"] if method == "sim-texture" else []
+    texture = {"sim-texture": ["sim.texture_map=true"], "sim-texgate": ["sim.pairwise_texture_thresh=0.5"]}.get(method, [])
     method = method.split("-")[0]
     cfg = load_config("configs/tiny.yaml", [f"method={method}", *TINY, "sim.copy_paste=false", *texture])
     ds = CocoDataset(synth_data / "train.json", synth_data / "images")

@@ -34,12 +34,17 @@ def test_pairwise_probe_runs_on_a_sim_run(synth_data, tmp_path):
     assert main(["train", "-c", "configs/tiny.yaml", *TINY, "--method", "sim", "--train-json",
                  str(synth_data / "train.json"), "--train-images", str(synth_data / "images"), "--out", str(run),
                  "--max-iters", "2", "--no-progress"]) == 0
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pairwise_probe.py"), "--runs", str(run),
-                          "--data", str(synth_data), "--max-images", "2", "--results", str(tmp_path / "res")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads((tmp_path / "res" / "pairwise_probe.json").read_text())["results"]["run"]
-    assert out["all"]["objects"] > 0
-    for c in out.values():
-        assert c["gt_split"] <= c["linked"] and c["cut_right"] + c["cut_wrong"] == c["cut"]
-    assert "| all |" in (tmp_path / "res" / "pairwise_probe.md").read_text()
+    for features, name in (("mask", "pairwise_probe"), ("c3", "c3_probe")):
+        res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pairwise_probe.py"), "--runs", str(run),
+                              "--data", str(synth_data), "--max-images", "2", "--results", str(tmp_path / "res"),
+                              "--features", features, "--name", name],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        stored = json.loads((tmp_path / "res" / f"{name}.json").read_text())
+        assert stored["features"] == features
+        out = stored["results"]["run"]
+        assert out["all"]["objects"] > 0
+        for c in out.values():
+            assert c["gt_split"] <= c["linked"] and c["cut_right"] + c["cut_wrong"] == c["cut"]
+            assert c["cos<0.7:gt_split"] <= c["gt_split"]
+        assert "| all |" in (tmp_path / "res" / f"{name}.md").read_text()

@@ -945,3 +945,44 @@ def test_pseudo_bg_margin_reaches_the_pseudo_label_and_the_cut(synth_data):
     sim_c, _, batch_c, aux_c, *_ = _sim_step(synth_data, comp, semantic=False)
     pm_c = sim_c.pseudo_masks(batch_c, aux_c)
     assert pm_c["claimed"].any() and bool((pm_c["weight"][pm_c["claimed"]] == 1).all())
+
+
+def test_texture_gate_unlinks_only_pairs_across_a_texture_boundary():
+    """sim.pairwise_texture_thresh: a pair keeps its colour affinity where the backbone's C3 features of its
+    two pixels agree; on a map whose left and right halves have orthogonal C3 features, the pairs it unlinks
+    all straddle the boundary, and some do."""
+    from types import SimpleNamespace
+
+    from boxmask.modeling.color import unfold_neighbours
+    from boxmask.modeling.sim.method import SIM
+
+    cfg = load_config("configs/tiny.yaml", ["method=sim", "sim.pairwise_texture_thresh=0.5"])
+    stub = SimpleNamespace(cfg=cfg)
+    stub._upsampled = lambda f, hw: SIM._upsampled(stub, f, hw)
+    factor = cfg.model.fpn_strides[0] // cfg.model.mask_out_stride
+    c3 = torch.zeros(1, 4, 6, 8)
+    c3[0, 0, :, :4], c3[0, 1, :, 4:] = 1.0, 1.0  # left half along e0, right half along e1
+    h, w = 6 * factor, 8 * factor
+    size, dil = cfg.loss.pairwise_size, cfg.loss.pairwise_dilation
+    x = torch.arange(w, dtype=torch.float32).expand(1, 1, h, w) + 1  # 0 = a neighbour outside the map
+    nx = unfold_neighbours(x, size, dil)[:, 0]
+    colour = (nx > 0).float().expand(1, size * size - 1, h, w)
+    aux = {"color_sim": colour, "out": {"c3": c3}}
+    affinity, thresh = SIM._pair_affinity(stub, aux, {})
+    assert thresh == cfg.loss.pairwise_color_thresh
+    unlinked = (colour > 0) & (affinity == 0)
+    straddles = (x[:, 0, None] <= 4 * factor) != (nx <= 4 * factor)  # left cells: x + 1 <= 4 * factor
+    assert unlinked.any() and not (unlinked & ~straddles).any()
+    # within one side every pair keeps its colour affinity; with the gate off, affinity is colour alone
+    assert torch.equal(affinity[~straddles], colour[~straddles])
+    stub.cfg = load_config("configs/tiny.yaml", ["method=sim"])
+    assert SIM._pair_affinity(stub, aux, {})[0] is colour
+
+
+def test_texture_gate_makes_the_pairwise_term_sims_own_from_the_first_step(synth_data):
+    """With the gate on, SIM computes the pairwise term from step 0 (before the self-training stage), and
+    CondInst leaves its own colour term out."""
+    _, _, batch, _, losses, _, _ = _sim_step(synth_data, ["sim.pairwise_texture_thresh=0.5"], pseudo_on=False,
+                                             semantic=False)
+    assert batch["pairwise_elsewhere"]
+    assert losses["loss_pairwise"].requires_grad and float(losses["loss_pairwise"]) > 0

@@ -72,7 +72,7 @@ class SIM(nn.Module):
         the pairwise term itself this step. A pure function of (seed, iteration, rank)."""
         batch = self.copy_paste(batch, iteration, seed)
         s = self.cfg.sim
-        if s.pairwise_feat_sim or pairwise_cut_on(self.cfg, iteration):
+        if s.pairwise_feat_sim or s.pairwise_texture_thresh > 0 or pairwise_cut_on(self.cfg, iteration):
             # SIM's own pairwise term replaces the colour one this step (losses()): CondInst skips its own
             batch = {**batch, "pairwise_elsewhere": True}
         if self.cfg.sim.student_aug:
@@ -211,7 +211,7 @@ class SIM(nn.Module):
             keep = self._pseudo_supervised(batch, aux)
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         cut = (s.pairwise_pseudo_cut and pseudo_on) if cut_on is None else (cut_on and s.pairwise_pseudo_cut)
-        if s.pairwise_feat_sim or cut or batch.get("pairwise_elsewhere", False):
+        if s.pairwise_feat_sim or s.pairwise_texture_thresh > 0 or cut or batch.get("pairwise_elsewhere", False):
             out["loss_pairwise"] = self._pairwise(aux, pm, cut, stats, splits)
         if s.semantic and (pseudo_on or s.proto_from == "start"):
             with record_function("boxmask.sim.prototypes"):
@@ -350,13 +350,21 @@ class SIM(nn.Module):
 
     def _pair_affinity(self, aux: dict, pm: dict) -> tuple[torch.Tensor, float]:
         """Per image, the pairwise term's neighbour affinity and the threshold that links a pair: colour,
-        or colour x teacher-feature similarity with ``sim.pairwise_feat_sim``."""
+        or colour x teacher-feature similarity with ``sim.pairwise_feat_sim``; with
+        ``sim.pairwise_texture_thresh`` 0 where the backbone's C3 features of the two disagree."""
         lc, s = self.cfg.loss, self.cfg.sim
         if not s.pairwise_feat_sim:
-            return aux["color_sim"], lc.pairwise_color_thresh
-        f = pm["teacher_feats"]  # the teacher's mask features at mask resolution, not normalised
-        diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
-        return aux["color_sim"] * torch.exp(-torch.linalg.vector_norm(diff, dim=1)), s.pairwise_feat_thresh
+            affinity, thresh = aux["color_sim"], lc.pairwise_color_thresh
+        else:
+            f = pm["teacher_feats"]  # the teacher's mask features at mask resolution, not normalised
+            diff = f[:, :, None] - unfold_neighbours(f, lc.pairwise_size, lc.pairwise_dilation)
+            affinity = aux["color_sim"] * torch.exp(-torch.linalg.vector_norm(diff, dim=1))
+            thresh = s.pairwise_feat_thresh
+        if s.pairwise_texture_thresh > 0:
+            z = F.normalize(self._upsampled(aux["out"]["c3"].detach().float(), affinity.shape[-2:]), dim=1)
+            cos = (z[:, :, None] * unfold_neighbours(z, lc.pairwise_size, lc.pairwise_dilation)).sum(1)
+            affinity = affinity * (cos >= s.pairwise_texture_thresh).to(affinity.dtype)
+        return affinity, thresh
 
     @torch.no_grad()
     def _split_share(self, aux: dict, pm: dict, affinity: tuple[torch.Tensor, float] | None = None
