@@ -152,6 +152,11 @@ ARMS["sim-hard-share0.005"] = ("sim", "train.json", ["sim.hard_target_min_share=
 # ranks near-colour objects' box cells at in-box AUC 0.953 against M_I's 0.933 (plain 0.990 / 0.989).
 # Seed 1 (screen_texture.md): near-colour +0.045, same-class overlap +0.098, plain -0.016
 ARMS["sim-texture"] = ("sim", "train.json", ["sim.texture_map=true"])
+# the pairwise term's colour links kept only where the backbone's C3 features of the two pixels agree
+# (cosine >= 0.5): on the seed-1 default's val objects that unlinks 42% of the near-colour pairs crossing the
+# true boundary and 18% of the pairs inside one side (the pairwise cut: 11% of the crossing pairs).
+# Seeds 0-4 (sim_texgate.md), against the default: near-colour +0.016 +- 0.012, plain -0.008 +- 0.010
+ARMS["sim-texgate0.5"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.5"])
 
 
 def make_data(folder: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
