@@ -48,25 +48,53 @@ COUNTS = ("linked", "gt_split", "cut", "cut_right", "cut_wrong")
 
 
 def pair_counts(linked: torch.Tensor, gt_split: torch.Tensor, cut: torch.Tensor, cos: torch.Tensor,
-                thresholds=THRESHOLDS) -> dict[str, float]:
+                thresholds=THRESHOLDS, rim: torch.Tensor | None = None, deep: torch.Tensor | None = None
+                ) -> dict[str, float]:
     """Counts over one object's neighbour pairs (each [K, h, w], booleans but ``cos``): the colour-linked
     in-box pairs, those the GT splits, those the pseudo label splits (right or wrong by the GT), and per
-    threshold the GT-split and same-side linked pairs whose feature cosine is below it."""
+    threshold the GT-split and same-side linked pairs whose feature cosine is below it; with ``rim`` and
+    ``deep`` (pairs inside the GT object near its boundary / further in) the same for those two."""
     out = {"linked": int(linked.sum()), "gt_split": int((linked & gt_split).sum()),
            "cut": int((linked & cut).sum()), "cut_right": int((linked & cut & gt_split).sum()),
            "cut_wrong": int((linked & cut & ~gt_split).sum())}
+    inside = {} if rim is None else {"rim": linked & rim, "deep": linked & deep}
+    out.update({k: int(v.sum()) for k, v in inside.items()})
     for t in thresholds:
         low = cos < t
         out[f"cos<{t}:gt_split"] = int((linked & gt_split & low).sum())
         out[f"cos<{t}:same_side"] = int((linked & ~gt_split & low).sum())
+        for k, v in inside.items():
+            out[f"cos<{t}:{k}"] = int((v & low).sum())
     return out
+
+
+def rim_and_deep(gt: torch.Tensor, size: int, dilation: int, width: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per object ([N, h, w] GT masks), the neighbour pairs ([N, K, h, w]) with both cells inside the object:
+    those with a cell within ``width`` cells of its boundary (rim) and the others (deep)."""
+    inner = 1.0 - F.max_pool2d(1.0 - gt[:, None], 2 * width + 1, 1, width)[:, 0]
+    g_q = unfold_neighbours(gt[:, None], size, dilation)[:, 0] > 0
+    i_q = unfold_neighbours(inner[:, None], size, dilation)[:, 0] > 0
+    both = (gt[:, None] > 0) & g_q
+    deep = both & (inner[:, None] > 0) & i_q
+    return both & ~deep, deep
+
+
+def stride4_hook(model) -> dict[str, torch.Tensor]:
+    """The backbone body's stride-4 output of the last forward, under ``"s4"`` (MobileNetV2: features 3;
+    ResNet: layer1)."""
+    store: dict[str, torch.Tensor] = {}
+    body = model.backbone.fpn.body
+    getattr(body, "3" if hasattr(body, "3") else "layer1").register_forward_hook(
+        lambda m, i, o: store.__setitem__("s4", o))
+    return store
 
 
 def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") -> dict[str, dict[str, float]]:
     """Per split, the pair counts summed over the val objects with positives (the first ``max_images``);
-    ``features``: the cosines of the teacher's mask features (``mask``) or of the student backbone's stride-8
-    features (``c3``, what ``sim.pairwise_texture_thresh`` gates on)."""
+    ``features``: the cosines of the teacher's mask features (``mask``), of the student backbone's stride-8
+    features (``c3``, what ``sim.pairwise_texture_thresh`` gates on) or of its stride-4 ones (``s4``)."""
     model, state = model_from_checkpoint(run, "cpu")
+    store = stride4_hook(model)
     sim = sim_from_checkpoint(model, state)
     if sim is None:
         raise SystemExit(f"{run}: not a SIM run (the probe needs its teacher and pseudo labels)")
@@ -96,11 +124,13 @@ def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") ->
             cut = split_pairs(pm["target"], pm["weight"], size, dil).expand(-1, size * size - 1, -1, -1) > 0
             gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
             linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
-            f = pm["teacher_feats"] if features == "mask" else sim._upsampled(aux["out"]["c3"].float(), (h, w))
+            f = {"mask": lambda: pm["teacher_feats"], "c3": lambda: sim._upsampled(aux["out"]["c3"].float(), (h, w)),
+                 "s4": lambda: store["s4"].float()[:, :, :h, :w]}[features]()
             z = F.normalize(f[pm["image"]], dim=1)
             cos = (z[:, :, None] * unfold_neighbours(z, size, dil)).sum(1)
+            rim, deep = rim_and_deep(gt, size, dil)
             for g in torch.nonzero(pm["has_pos"]).flatten().tolist():
-                counts = pair_counts(linked[g], gt_split[g], cut[g], cos[g])
+                counts = pair_counts(linked[g], gt_split[g], cut[g], cos[g], rim=rim[g], deep=deep[g])
                 for name in splits[g]:
                     acc = totals.setdefault(name, {"objects": 0})
                     acc["objects"] += 1
@@ -116,6 +146,7 @@ def shares(c: dict[str, float]) -> dict[str, float]:
            "cut_right": c["cut_right"] / max(c["cut"], 1), "cut_catches": c["cut_right"] / max(c["gt_split"], 1)}
     for t in THRESHOLDS:
         out[f"cos<{t}"] = (c[f"cos<{t}:gt_split"] / max(c["gt_split"], 1), c[f"cos<{t}:same_side"] / max(same, 1))
+        out[f"cos<{t}:inside"] = (c[f"cos<{t}:rim"] / max(c["rim"], 1), c[f"cos<{t}:deep"] / max(c["deep"], 1))
     return out
 
 
@@ -126,8 +157,10 @@ def to_markdown(results: dict, data: Path, features: str = "mask") -> str:
              "the mask); *cut*: share of them the pairwise cut leaves out; *cut right*: share of the pseudo "
              "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; "
              "*cos < t*: share of the crossing pairs / of the same-side pairs whose feature cosine is below t; "
-             + ("the teacher's mask features." if features == "mask" else "the student backbone's stride-8 "
-                "features (C3).") , ""]
+             + {"mask": "the teacher's mask features.", "c3": "the student backbone's stride-8 features (C3).",
+                "s4": "the student backbone's stride-4 features."}[features]
+             + " Second table: of the linked pairs with both cells inside the GT object, the share below t near "
+             "its boundary (a cell within 2 mask cells of it) / further in.", ""]
     for run, by_split in results.items():
         lines += [f"## {run}", "", "| split | objects | pairs | crossing | cut | cut right | cut catches | "
                   + " | ".join(f"cos < {t}" for t in THRESHOLDS) + " |", "|---|" + "---|" * (6 + len(THRESHOLDS))]
@@ -136,6 +169,12 @@ def to_markdown(results: dict, data: Path, features: str = "mask") -> str:
             gates = " | ".join(f"{s[f'cos<{t}'][0]:.2f} / {s[f'cos<{t}'][1]:.2f}" for t in THRESHOLDS)
             lines.append(f"| {split} | {c['objects']} | {c['linked']} | {s['gt_split']:.3f} | {s['cut']:.3f} | "
                          f"{s['cut_right']:.2f} | {s['cut_catches']:.2f} | {gates} |")
+        lines += ["", "| split | pairs inside near the boundary | further in | "
+                  + " | ".join(f"cos < {t}" for t in THRESHOLDS) + " |", "|---|---|---|" + "---|" * len(THRESHOLDS)]
+        for split, c in by_split.items():
+            s = shares(c)
+            gates = " | ".join(f"{s[f'cos<{t}:inside'][0]:.3f} / {s[f'cos<{t}:inside'][1]:.3f}" for t in THRESHOLDS)
+            lines.append(f"| {split} | {c['rim']} | {c['deep']} | {gates} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -147,7 +186,7 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=0, help="the first N val images (0: all)")
     ap.add_argument("--results", default=str(ROOT / "results"), help="folder for NAME.json and .md")
     ap.add_argument("--name", default="pairwise_probe")
-    ap.add_argument("--features", choices=("mask", "c3"), default="mask",
+    ap.add_argument("--features", choices=("mask", "c3", "s4"), default="mask",
                     help="whose cosines: the teacher's mask features or the backbone's stride-8 features")
     args = ap.parse_args()
     data = Path(args.data)
