@@ -14,7 +14,7 @@ pair from a pair inside one side. Per object split, over the colour-linked in-bo
   those the GT splits too (``cut_right``) or not (``cut_wrong``, a pair inside one side left out);
 * a feature similarity (``--features mask``: cosine of the teacher's normalised mask features, as a
   feature-gated affinity would use it; ``c3``: of the student backbone's stride-8 features, as
-  ``sim.pairwise_texture_thresh`` uses it): for each threshold, the share of GT-crossing pairs and of
+  ``sim.pairwise_texture_thresh`` uses it; ``c2``: of its stride-4 ones): for each threshold, the share of GT-crossing pairs and of
   same-side pairs below it. A signal that separates the two removes many more of the first than of the
   second.
 
@@ -79,22 +79,11 @@ def rim_and_deep(gt: torch.Tensor, size: int, dilation: int, width: int = 2) -> 
     return both & ~deep, deep
 
 
-def stride4_hook(model) -> dict[str, torch.Tensor]:
-    """The backbone body's stride-4 output of the last forward, under ``"s4"`` (MobileNetV2: features 3;
-    ResNet: layer1)."""
-    store: dict[str, torch.Tensor] = {}
-    body = model.backbone.fpn.body
-    getattr(body, "3" if hasattr(body, "3") else "layer1").register_forward_hook(
-        lambda m, i, o: store.__setitem__("s4", o))
-    return store
-
-
 def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") -> dict[str, dict[str, float]]:
     """Per split, the pair counts summed over the val objects with positives (the first ``max_images``);
     ``features``: the cosines of the teacher's mask features (``mask``), of the student backbone's stride-8
-    features (``c3``, what ``sim.pairwise_texture_thresh`` gates on) or of its stride-4 ones (``s4``)."""
+    features (``c3``, what ``sim.pairwise_texture_thresh`` gates on) or of its stride-4 ones (``c2``)."""
     model, state = model_from_checkpoint(run, "cpu")
-    store = stride4_hook(model)
     sim = sim_from_checkpoint(model, state)
     if sim is None:
         raise SystemExit(f"{run}: not a SIM run (the probe needs its teacher and pseudo labels)")
@@ -125,7 +114,7 @@ def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") ->
             gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
             linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
             f = {"mask": lambda: pm["teacher_feats"], "c3": lambda: sim._upsampled(aux["out"]["c3"].float(), (h, w)),
-                 "s4": lambda: store["s4"].float()[:, :, :h, :w]}[features]()
+                 "c2": lambda: aux["out"]["c2"].float()[:, :, :h, :w]}[features]()
             z = F.normalize(f[pm["image"]], dim=1)
             cos = (z[:, :, None] * unfold_neighbours(z, size, dil)).sum(1)
             rim, deep = rim_and_deep(gt, size, dil)
@@ -158,7 +147,7 @@ def to_markdown(results: dict, data: Path, features: str = "mask") -> str:
              "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; "
              "*cos < t*: share of the crossing pairs / of the same-side pairs whose feature cosine is below t; "
              + {"mask": "the teacher's mask features.", "c3": "the student backbone's stride-8 features (C3).",
-                "s4": "the student backbone's stride-4 features."}[features]
+                "c2": "the student backbone's stride-4 features (C2)."}[features]
              + " Second table: of the linked pairs with both cells inside the GT object, the share below t near "
              "its boundary (a cell within 2 mask cells of it) / further in.", ""]
     for run, by_split in results.items():
@@ -186,7 +175,7 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=0, help="the first N val images (0: all)")
     ap.add_argument("--results", default=str(ROOT / "results"), help="folder for NAME.json and .md")
     ap.add_argument("--name", default="pairwise_probe")
-    ap.add_argument("--features", choices=("mask", "c3", "s4"), default="mask",
+    ap.add_argument("--features", choices=("mask", "c3", "c2"), default="mask",
                     help="whose cosines: the teacher's mask features or the backbone's stride-8 features")
     args = ap.parse_args()
     data = Path(args.data)

@@ -157,6 +157,11 @@ ARMS["sim-texture"] = ("sim", "train.json", ["sim.texture_map=true"])
 # true boundary and 18% of the pairs inside one side (the pairwise cut: 11% of the crossing pairs).
 # Seeds 0-4 (sim_texgate.md), against the default: near-colour +0.016 +- 0.012, plain -0.008 +- 0.010
 ARMS["sim-texgate0.5"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.5"])
+# the gate on the body's stride-4 features (C2) at cosine 0.2: on the same checkpoint it marks 39% of the
+# near-colour crossing pairs and 9% of the pairs inside a plain object near its boundary (C3 at 0.5: 30%),
+# where C3's gate lost plain objects (pairwise_probe_c2.md)
+ARMS["sim-texgate-c2-0.2"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.2",
+                                                    "sim.pairwise_texture_features=c2"])
 
 
 def make_data(folder: Path, num_train: int, num_val: int, size: int, seed: int) -> None:

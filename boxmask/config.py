@@ -203,6 +203,9 @@ class SimConfig:
     # Off: at 0.5, over seeds 0-4 on the textured benchmark, it gained on near-colour objects and lost on
     # small plain ones, like the pseudo-target options (README, SIM)
     pairwise_texture_thresh: float = 0.0
+    # whose features the gate compares: c3 (stride 8, screened above) | c2 (the body's stride-4 output:
+    # sharper at an object's rim; benchmarks/results/pairwise_probe_c2.md, not yet trained with)
+    pairwise_texture_features: str = "c3"
     # from the pseudo loss's switch-on, the pairwise term drops the neighbour pairs the pseudo label
     # confidently splits (one pixel foreground, the other background): a colour-matched background region
     # inside the box is then no longer pulled into the mask by its colour while the pseudo loss pushes it out
@@ -314,6 +317,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sim.pseudo_region": ("all", "background"),
     "sim.pseudo_target": ("hard", "soft", "rim", "soft_rim"),
     "sim.proto_from": ("start", "switch_on"),
+    "sim.pairwise_texture_features": ("c3", "c2"),
     "solver.optimizer": ("sgd", "adamw"),
     "solver.scheduler": ("step", "cosine"),
 }
@@ -580,6 +584,9 @@ def _check_idle_keys(cfg: Config, touched: set[str]) -> None:
                      "use them")
     if not s.pairwise_pseudo_cut:
         _refuse_idle(touched, CUT_KEYS, "with sim.pairwise_pseudo_cut=true, which is off; add it to use them")
+    if s.pairwise_texture_thresh == 0:
+        _refuse_idle(touched, ("sim.pairwise_texture_features",), "with sim.pairwise_texture_thresh > 0 (the "
+                     "texture gate, off at 0)")
     if s.pseudo_target not in ("rim", "soft_rim"):
         _refuse_idle(touched, ("sim.pseudo_rim",),
                      f"with sim.pseudo_target=rim or soft_rim; got sim.pseudo_target={s.pseudo_target}")

@@ -259,6 +259,15 @@ def test_cut_confidence_keys_are_refused_without_the_cut():
     with pytest.raises(ConfigError, match=r"sim\.hard_target_min_share"):
         load_config(None, ["method=sim", "sim.hard_target_min_share=-0.1"])
     assert load_config(None, ["method=sim", "sim.hard_target_min_share=0.01"]).sim.hard_target_min_share == 0.01
+    # the texture gate: its feature key only with the gate on, c2 or c3, a threshold in [0, 1)
+    with pytest.raises(ConfigError, match=r"'sim\.pairwise_texture_features' only acts with sim\.pairwise_texture_thresh"):
+        load_config(None, ["method=sim", "sim.pairwise_texture_features=c2"])
+    with pytest.raises(ConfigError, match=r"sim\.pairwise_texture_features"):
+        load_config(None, ["method=sim", "sim.pairwise_texture_thresh=0.2", "sim.pairwise_texture_features=c4"])
+    with pytest.raises(ConfigError, match=r"sim\.pairwise_texture_thresh"):
+        load_config(None, ["method=sim", "sim.pairwise_texture_thresh=1.0"])
+    gate = load_config(None, ["method=sim", "sim.pairwise_texture_thresh=0.2", "sim.pairwise_texture_features=c2"]).sim
+    assert (gate.pairwise_texture_thresh, gate.pairwise_texture_features) == (0.2, "c2")
 
 
 def test_semantic_map_keys_are_refused_while_the_semantic_map_is_off():

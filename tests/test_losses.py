@@ -87,3 +87,12 @@ def test_box_masks_on_grid():
     # cell centres at 4j + 2.5 -> columns j with 8 < c < 24: j = 2..5; rows 4 < c < 16: j = 1..3
     assert m[0].nonzero()[:, 1].unique().tolist() == [2, 3, 4, 5]
     assert m[0].nonzero()[:, 0].unique().tolist() == [1, 2, 3]
+
+
+def test_neighbour_cosine_equals_the_unfolded_products():
+    from boxmask.modeling.color import neighbour_cosine
+
+    z = torch.nn.functional.normalize(torch.randn(2, 5, 7, 9, generator=torch.Generator().manual_seed(0)), dim=1)
+    for size, dil in ((3, 1), (3, 2), (5, 1)):
+        want = (z[:, :, None] * unfold_neighbours(z, size, dil)).sum(1)
+        assert torch.allclose(neighbour_cosine(z, size, dil), want, atol=1e-6)

@@ -242,3 +242,19 @@ def test_dynamic_mask_head_equals_grouped_convolutions():
         x = F.conv2d(x, wt.reshape(-1, wt.shape[2], 1, 1), b.reshape(-1), groups=n)
         x = F.relu(x) if i < 2 else x
     assert torch.allclose(out, x.reshape(n, 1, h, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone, c2_channels", [("resnet18", 64), ("mobilenet_v2", 24)])
+def test_levels_and_low_level_outputs_in_one_pass(backbone, c2_channels):
+    """levels_and_low gives forward's pyramid levels and the body's stride-4 (C2) and stride-8 (C3) outputs."""
+    cfg = Config()
+    cfg.model.backbone, cfg.model.fpn_channels, cfg.model.fpn_strides = backbone, 16, [8, 16, 32]
+    torch.manual_seed(0)
+    bb = Backbone(cfg.model).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        levels, low = bb.levels_and_low(x)
+        for a, b in zip(levels, bb(x)):
+            assert torch.equal(a, b)
+    assert low["c2"].shape[1:] == (c2_channels, 16, 24)
+    assert low["c3"].shape[-2:] == (8, 12)

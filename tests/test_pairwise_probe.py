@@ -48,7 +48,7 @@ def test_pairwise_probe_runs_on_a_sim_run(synth_data, tmp_path):
     assert main(["train", "-c", "configs/tiny.yaml", *TINY, "--method", "sim", "--train-json",
                  str(synth_data / "train.json"), "--train-images", str(synth_data / "images"), "--out", str(run),
                  "--max-iters", "2", "--no-progress"]) == 0
-    for features, name in (("mask", "pairwise_probe"), ("c3", "c3_probe"), ("s4", "s4_probe")):
+    for features, name in (("mask", "pairwise_probe"), ("c3", "c3_probe"), ("c2", "c2_probe")):
         res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pairwise_probe.py"), "--runs", str(run),
                               "--data", str(synth_data), "--max-images", "2", "--results", str(tmp_path / "res"),
                               "--features", features, "--name", name],

@@ -947,27 +947,30 @@ def test_pseudo_bg_margin_reaches_the_pseudo_label_and_the_cut(synth_data):
     assert pm_c["claimed"].any() and bool((pm_c["weight"][pm_c["claimed"]] == 1).all())
 
 
-def test_texture_gate_unlinks_only_pairs_across_a_texture_boundary():
-    """sim.pairwise_texture_thresh: a pair keeps its colour affinity where the backbone's C3 features of its
-    two pixels agree; on a map whose left and right halves have orthogonal C3 features, the pairs it unlinks
-    all straddle the boundary, and some do."""
+@pytest.mark.parametrize("features", ["c3", "c2"])
+def test_texture_gate_unlinks_only_pairs_across_a_texture_boundary(features):
+    """sim.pairwise_texture_thresh: a pair keeps its colour affinity where the backbone's features (C3, or C2
+    with sim.pairwise_texture_features=c2) of its two pixels agree; on a map whose left and right halves have
+    orthogonal features, the pairs it unlinks all straddle the boundary, and some do."""
     from types import SimpleNamespace
 
     from boxmask.modeling.color import unfold_neighbours
     from boxmask.modeling.sim.method import SIM
 
-    cfg = load_config("configs/tiny.yaml", ["method=sim", "sim.pairwise_texture_thresh=0.5"])
+    cfg = load_config("configs/tiny.yaml", ["method=sim", "sim.pairwise_texture_thresh=0.5",
+                                            f"sim.pairwise_texture_features={features}"])
     stub = SimpleNamespace(cfg=cfg)
     stub._upsampled = lambda f, hw: SIM._upsampled(stub, f, hw)
-    factor = cfg.model.fpn_strides[0] // cfg.model.mask_out_stride
-    c3 = torch.zeros(1, 4, 6, 8)
-    c3[0, 0, :, :4], c3[0, 1, :, 4:] = 1.0, 1.0  # left half along e0, right half along e1
+    # C3 has the stride of the first pyramid level, C2 that of the mask grid
+    factor = cfg.model.fpn_strides[0] // cfg.model.mask_out_stride if features == "c3" else 1
+    low = torch.zeros(1, 4, 6, 8)
+    low[0, 0, :, :4], low[0, 1, :, 4:] = 1.0, 1.0  # left half along e0, right half along e1
     h, w = 6 * factor, 8 * factor
     size, dil = cfg.loss.pairwise_size, cfg.loss.pairwise_dilation
     x = torch.arange(w, dtype=torch.float32).expand(1, 1, h, w) + 1  # 0 = a neighbour outside the map
     nx = unfold_neighbours(x, size, dil)[:, 0]
     colour = (nx > 0).float().expand(1, size * size - 1, h, w)
-    aux = {"color_sim": colour, "out": {"c3": c3}}
+    aux = {"color_sim": colour, "out": {features: low}}
     affinity, thresh = SIM._pair_affinity(stub, aux, {})
     assert thresh == cfg.loss.pairwise_color_thresh
     unlinked = (colour > 0) & (affinity == 0)

@@ -134,14 +134,24 @@ class Backbone(nn.Module):
         self.fpn = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
         self.num_levels = num_levels
         self.out_channels = cfg.fpn_channels
+        # the body's last stride-4 block (C2), read on the way for SIM's texture gate
+        self._c2_name = "layer1" if cfg.backbone in _RESNETS else "3"
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats: OrderedDict = self.fpn(x)
         return list(feats.values())[: self.num_levels]
 
-    def levels_and_c3(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The pyramid levels and the body's stride-8 output (C3: low-level appearance, for SIM's texture
-        map), in one pass."""
-        body: OrderedDict = self.fpn.body(x)
+    def levels_and_low(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The pyramid levels and the body's stride-4 and stride-8 outputs (``c2``, ``c3``: low-level
+        appearance, for SIM's texture map and texture gate), in one pass."""
+        getter = self.fpn.body  # torchvision's IntermediateLayerGetter, walked as its forward does
+        body: OrderedDict = OrderedDict()
+        c2 = x
+        for name, module in getter.items():
+            x = module(x)
+            if name == self._c2_name:
+                c2 = x
+            if name in getter.return_layers:
+                body[getter.return_layers[name]] = x
         feats: OrderedDict = self.fpn.fpn(body)
-        return list(feats.values())[: self.num_levels], next(iter(body.values()))
+        return list(feats.values())[: self.num_levels], {"c2": c2, "c3": next(iter(body.values()))}

@@ -35,6 +35,22 @@ def unfold_neighbours(x: torch.Tensor, size: int, dilation: int) -> torch.Tensor
     return torch.cat([cols[:, :, :centre], cols[:, :, centre + 1 :]], dim=2)
 
 
+def neighbour_cosine(z: torch.Tensor, size: int, dilation: int) -> torch.Tensor:
+    """[B, C, H, W] unit feature vectors -> [B, K, H, W]: the cosine between every pixel and each of its K
+    neighbours (``unfold_neighbours``' order; 0 for an out-of-image neighbour), one shift at a time, so
+    C x K copies of the map are never held at once."""
+    h, w = z.shape[-2:]
+    pad = (size + (size - 1) * (dilation - 1)) // 2
+    zp = F.pad(z, (pad, pad, pad, pad))
+    out = []
+    for i in range(size):
+        for j in range(size):
+            if i == size // 2 and j == size // 2:
+                continue
+            out.append((z * zp[:, :, i * dilation: i * dilation + h, j * dilation: j * dilation + w]).sum(1))
+    return torch.stack(out, dim=1)
+
+
 def color_similarity(lab: torch.Tensor, valid: torch.Tensor, size: int = 3, dilation: int = 2) -> torch.Tensor:
     """Similarity exp(-||lab_i - lab_j|| / 2) between each pixel and its K neighbours.
 

@@ -55,10 +55,10 @@ class CondInst(nn.Module):
     def head_outputs(self, images: torch.Tensor, params_only: bool = False) -> dict:
         """Backbone, FCOS head and mask branch on a uint8 batch; head outputs flattened over levels:
         cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]
-        (``params_only``: see ``heads_on``); ``c3`` the backbone body's stride-8 output."""
+        (``params_only``: see ``heads_on``); ``c2`` / ``c3`` the backbone body's stride-4 / stride-8 outputs."""
         x = ((images.float() - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
-        feats, c3 = self.backbone.levels_and_c3(x)
-        return {**self.heads_on(feats, params_only), "c3": c3}
+        feats, low = self.backbone.levels_and_low(x)
+        return {**self.heads_on(feats, params_only), **low}
 
     def heads_on(self, feats: list[torch.Tensor], params_only: bool = False) -> dict:
         """FCOS head and mask branch on FPN features (what ``head_outputs`` returns; ``fpn`` holds the

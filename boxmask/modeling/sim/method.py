@@ -15,7 +15,7 @@ from torch.profiler import record_function
 
 from ...config import Config
 from .. import boxinst_loss
-from ..color import unfold_neighbours
+from ..color import neighbour_cosine, unfold_neighbours
 from ..condinst import CondInst, box_cells, gt_masks_on_grid
 from ..criterion import pairwise_cut_on
 from ..dynamic_mask_head import aligned_bilinear
@@ -351,7 +351,8 @@ class SIM(nn.Module):
     def _pair_affinity(self, aux: dict, pm: dict) -> tuple[torch.Tensor, float]:
         """Per image, the pairwise term's neighbour affinity and the threshold that links a pair: colour,
         or colour x teacher-feature similarity with ``sim.pairwise_feat_sim``; with
-        ``sim.pairwise_texture_thresh`` 0 where the backbone's C3 features of the two disagree."""
+        ``sim.pairwise_texture_thresh`` 0 where the backbone's features of the two disagree (C3, or C2 with
+        ``sim.pairwise_texture_features=c2``)."""
         lc, s = self.cfg.loss, self.cfg.sim
         if not s.pairwise_feat_sim:
             affinity, thresh = aux["color_sim"], lc.pairwise_color_thresh
@@ -361,8 +362,11 @@ class SIM(nn.Module):
             affinity = aux["color_sim"] * torch.exp(-torch.linalg.vector_norm(diff, dim=1))
             thresh = s.pairwise_feat_thresh
         if s.pairwise_texture_thresh > 0:
-            z = F.normalize(self._upsampled(aux["out"]["c3"].detach().float(), affinity.shape[-2:]), dim=1)
-            cos = (z[:, :, None] * unfold_neighbours(z, lc.pairwise_size, lc.pairwise_dilation)).sum(1)
+            hw = affinity.shape[-2:]
+            f = aux["out"][s.pairwise_texture_features].detach().float()
+            # C3 (stride 8) up to the mask grid; C2 has its stride (4) already
+            f = self._upsampled(f, hw) if s.pairwise_texture_features == "c3" else f[:, :, : hw[0], : hw[1]]
+            cos = neighbour_cosine(F.normalize(f, dim=1), lc.pairwise_size, lc.pairwise_dilation)
             affinity = affinity * (cos >= s.pairwise_texture_thresh).to(affinity.dtype)
         return affinity, thresh
 
