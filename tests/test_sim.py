@@ -988,4 +988,4 @@ def test_texture_gate_makes_the_pairwise_term_sims_own_from_the_first_step(synth
     _, _, batch, _, losses, _, _ = _sim_step(synth_data, ["sim.pairwise_texture_thresh=0.5"], pseudo_on=False,
                                              semantic=False)
     assert batch["pairwise_elsewhere"]
-    assert losses["loss_pairwise"].requires_grad and float(losses["loss_pairwise"]) > 0
+    assert losses["loss_pairwise"].requires_grad and float(losses["loss_pairwise"].detach()) > 0
