@@ -159,7 +159,8 @@ ARMS["sim-texture"] = ("sim", "train.json", ["sim.texture_map=true"])
 ARMS["sim-texgate0.5"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.5"])
 # the gate on the body's stride-4 features (C2) at cosine 0.2: on the same checkpoint it marks 39% of the
 # near-colour crossing pairs and 9% of the pairs inside a plain object near its boundary (C3 at 0.5: 30%),
-# where C3's gate lost plain objects (pairwise_probe_c2.md)
+# where C3's gate lost plain objects (pairwise_probe_c2.md). Seeds 0 and 4 (screen_texgate_c2.md): plain -0.005 /
+# -0.017, near-colour +0.103 / +0.051 against boxinst (the default 0.000 / +0.001, +0.087 / +0.024)
 ARMS["sim-texgate-c2-0.2"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.2",
                                                     "sim.pairwise_texture_features=c2"])
 

@@ -204,7 +204,8 @@ class SimConfig:
     # small plain ones, like the pseudo-target options (README, SIM)
     pairwise_texture_thresh: float = 0.0
     # whose features the gate compares: c3 (stride 8, screened above) | c2 (the body's stride-4 output:
-    # sharper at an object's rim; benchmarks/results/pairwise_probe_c2.md, not yet trained with)
+    # sharper at an object's rim, benchmarks/results/pairwise_probe_c2.md; screened at seeds 0 and 4: it
+    # trades too, README)
     pairwise_texture_features: str = "c3"
     # from the pseudo loss's switch-on, the pairwise term drops the neighbour pairs the pseudo label
     # confidently splits (one pixel foreground, the other background): a colour-matched background region
