@@ -39,8 +39,9 @@ from boxmask.data.batch import EvalDataset, boxes_only, collate  # noqa: E402
 from boxmask.data.coco import CocoDataset  # noqa: E402
 from boxmask.engine.trainer import model_from_checkpoint, sim_from_checkpoint  # noqa: E402
 from boxmask.evaluation.sim_maps import object_splits  # noqa: E402
-from boxmask.modeling.color import unfold_neighbours  # noqa: E402
+from boxmask.modeling.color import neighbour_cosine, unfold_neighbours  # noqa: E402
 from boxmask.modeling.condinst import gt_masks_on_grid  # noqa: E402
+from boxmask.modeling.sim.method import erode  # noqa: E402
 from boxmask.modeling.sim.pseudo_loss import split_pairs  # noqa: E402
 
 THRESHOLDS = (0.2, 0.4, 0.5, 0.6, 0.7)
@@ -71,11 +72,11 @@ def pair_counts(linked: torch.Tensor, gt_split: torch.Tensor, cut: torch.Tensor,
 def rim_and_deep(gt: torch.Tensor, size: int, dilation: int, width: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Per object ([N, h, w] GT masks), the neighbour pairs ([N, K, h, w]) with both cells inside the object:
     those with a cell within ``width`` cells of its boundary (rim) and the others (deep)."""
-    inner = 1.0 - F.max_pool2d(1.0 - gt[:, None], 2 * width + 1, 1, width)[:, 0]
+    inner = erode(gt > 0, width)
     g_q = unfold_neighbours(gt[:, None], size, dilation)[:, 0] > 0
-    i_q = unfold_neighbours(inner[:, None], size, dilation)[:, 0] > 0
+    i_q = unfold_neighbours(inner.float()[:, None], size, dilation)[:, 0] > 0
     both = (gt[:, None] > 0) & g_q
-    deep = both & (inner[:, None] > 0) & i_q
+    deep = both & inner[:, None] & i_q
     return both & ~deep, deep
 
 
@@ -116,7 +117,7 @@ def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") ->
             f = {"mask": lambda: pm["teacher_feats"], "c3": lambda: sim._upsampled(aux["out"]["c3"].float(), (h, w)),
                  "c2": lambda: aux["out"]["c2"].float()[:, :, :h, :w]}[features]()
             z = F.normalize(f[pm["image"]], dim=1)
-            cos = (z[:, :, None] * unfold_neighbours(z, size, dil)).sum(1)
+            cos = neighbour_cosine(z, size, dil)
             rim, deep = rim_and_deep(gt, size, dil)
             for g in torch.nonzero(pm["has_pos"]).flatten().tolist():
                 counts = pair_counts(linked[g], gt_split[g], cut[g], cos[g], rim=rim[g], deep=deep[g])

@@ -194,7 +194,8 @@ class SIM(nn.Module):
             return ({"loss_pseudo": zero, "loss_paste": zero} if s.copy_paste else {"loss_pseudo": zero}), stats
         pm = self.pseudo_masks(batch, aux)
         out["loss_pseudo"] = logits.sum() * 0.0
-        splits = None  # the split-pair count, when the hard-target gate makes it; the cut reuses it
+        # the pair affinity and split-pair count, when the hard-target gate makes them; the cut reuses them
+        affinity = splits = None
         if pseudo_on and s.pseudo_weight > 0:
             target = pm["target"][pm["group"]]
             weight = region_weight(target, pm["weight"][pm["group"]], s.pseudo_region)
@@ -203,7 +204,8 @@ class SIM(nn.Module):
             loss_target = target if hard else pm["loss_target"][pm["group"]]
             if not hard and s.hard_target_min_share > 0:
                 # hard targets for the instances whose pseudo label splits that share of their linked pairs
-                splits = self._split_share(aux, pm)
+                affinity = self._pair_affinity(aux, pm)
+                splits = self._split_share(aux, pm, affinity)
                 gate = splits[2] >= s.hard_target_min_share
                 loss_target = torch.where(gate[:, None, None], target, loss_target)
                 stats["hard_target_share"] = gate.float().mean()
@@ -212,7 +214,7 @@ class SIM(nn.Module):
             out["loss_pseudo"] = per_inst.mean() if keep is None else (per_inst * keep).sum() / keep.sum().clamp_min(1.0)
         cut = (s.pairwise_pseudo_cut and pseudo_on) if cut_on is None else (cut_on and s.pairwise_pseudo_cut)
         if s.pairwise_feat_sim or s.pairwise_texture_thresh > 0 or cut or batch.get("pairwise_elsewhere", False):
-            out["loss_pairwise"] = self._pairwise(aux, pm, cut, stats, splits)
+            out["loss_pairwise"] = self._pairwise(aux, pm, cut, stats, splits, affinity)
         if s.semantic and (pseudo_on or s.proto_from == "start"):
             with record_function("boxmask.sim.prototypes"):
                 self._update_prototypes(batch, aux, pm)
@@ -317,14 +319,15 @@ class SIM(nn.Module):
             a += n
 
     def _pairwise(self, aux: dict, pm: dict, cut: bool, stats: dict | None = None,
-                  splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  affinity: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The pairwise term with SIM's options: ``sim.pairwise_feat_sim`` (the released code's colour x
         teacher-feature similarity >= ``sim.pairwise_feat_thresh``) and ``cut`` (the pairs the pseudo label
         confidently splits left out; ``stats["pairwise_cut"]``: the share of the term's pairs it leaves out)."""
         lc, s = self.cfg.loss, self.cfg.sim
         logits = aux["mask_logits"]
         box_masks = self._pairwise_boxes(aux)
-        sim, thresh = self._pair_affinity(aux, pm)
+        sim, thresh = affinity or self._pair_affinity(aux, pm)
         keep = None
         if cut:
             split, counted, share = splits or self._split_share(aux, pm, (sim, thresh))
