@@ -39,6 +39,8 @@ CAPACITIES: dict[str, list[str]] = {
     "levels5": FIVE_LEVELS,
     "wide-deep": ["model.fpn_channels=128", "model.mask_branch_channels=128", "model.head_convs=4"],
     "wide256": ["model.fpn_channels=256", "model.mask_branch_channels=128"],
+    # wide256 with depthwise-separable 3x3s in the FCOS towers and the FPN outputs (model.head_conv)
+    "wide256sep": ["model.fpn_channels=256", "model.mask_branch_channels=128", "model.head_conv=separable"],
     # MMDetection's CondInst head on this backbone: 256-channel FPN on 5 levels, 4 head convolutions
     "heavy": ["model.fpn_channels=256", "model.mask_branch_channels=128", "model.head_convs=4", *FIVE_LEVELS],
 }

@@ -258,3 +258,43 @@ def test_levels_and_low_level_outputs_in_one_pass(backbone, c2_channels):
             assert torch.equal(a, b)
     assert low["c2"].shape[1:] == (c2_channels, 16, 24)
     assert low["c3"].shape[-2:] == (8, 12)
+
+
+def test_separable_head_convolutions_cost_less_and_train():
+    """model.head_conv=separable: the FCOS towers and the FPN outputs are depthwise 3x3 + pointwise 1x1, at
+    well under a quarter of the full convolutions' multiply-adds, and the model trains and predicts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from boxmask.modeling.criterion import total_loss
+
+    flops = {}
+    images = torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8)
+    for conv in ("full", "separable"):
+        cfg = tiny_cfg(head_conv=conv, fpn_channels=64)
+        torch.manual_seed(0)
+        model = CondInst(cfg, 3)
+        depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 64]
+        # 2 towers x head_convs, and one FPN output per level
+        assert len(depthwise) == (2 * cfg.model.head_convs + len(cfg.model.fpn_strides) if conv == "separable" else 0)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.train().head_outputs(images)
+        counts = counter.get_flop_counts()
+        flops[conv] = sum(counts["FCOSHead.cls_tower"].values()) + sum(counts["FCOSHead.box_tower"].values())
+    assert flops["separable"] < flops["full"] / 4
+    # the separable model trains (finite loss, gradient into the depthwise filters) and predicts
+    loss = total_loss({k: v.float() for k, v in model(_train_batch()).items()}, cfg, 10)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in depthwise)
+    cfg.model.score_thresh = 0.0
+    out = model.eval()({"images": images, "image_sizes": [(64, 64)], "orig_sizes": [(64, 64)]})
+    assert out[0]["masks"].shape[-2:] == (64, 64)
+
+
+def test_head_conv_choice_checked_at_load():
+    from boxmask.config import ConfigError
+
+    assert load_config("configs/tiny.yaml", ["model.head_conv=separable"]).model.head_conv == "separable"
+    with pytest.raises(ConfigError, match="model.head_conv"):
+        load_config("configs/tiny.yaml", ["model.head_conv=dilated"])

@@ -16,6 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..config import ModelConfig
+from .fcos import conv3x3
 
 
 class WeightsError(RuntimeError):
@@ -113,6 +114,18 @@ def _freeze(net: nn.Module, cfg: ModelConfig) -> None:
             param.requires_grad_(False)
 
 
+def _separable_output(channels: int) -> nn.Sequential:
+    """An FPN output convolution as depthwise 3x3 + pointwise 1x1, initialised as torchvision's FPN
+    initialises its own (Kaiming uniform, a=1; bias 0)."""
+    block = conv3x3(channels, True, "separable")
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return block
+
+
 class Backbone(nn.Module):
     """Body + FPN; returns the pyramid levels for ``cfg.fpn_strides`` (P3 = stride 8, ...)."""
 
@@ -132,6 +145,9 @@ class Backbone(nn.Module):
             raise WeightsError("model.fpn_strides must start 8, 16, 32 and have 3 to 5 levels")
         extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels) if num_levels > 3 else None
         self.fpn = BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
+        if cfg.head_conv == "separable":
+            self.fpn.fpn.layer_blocks = nn.ModuleList(_separable_output(cfg.fpn_channels)
+                                                      for _ in self.fpn.fpn.layer_blocks)
         self.num_levels = num_levels
         self.out_channels = cfg.fpn_channels
         # the body's last stride-4 block (C2), read on the way for SIM's texture gate

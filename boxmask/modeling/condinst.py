@@ -43,6 +43,7 @@ class CondInst(nn.Module):
         self.head = FCOSHead(
             m.fpn_channels, num_classes, m.head_convs, m.head_norm, m.prior_prob, self.strides,
             self.mask_head.default_params(), shared_init=m.mask_head_init == "shared",
+            conv=m.head_conv,
         )
         self.register_buffer("pixel_mean", torch.tensor(cfg.data.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.data.pixel_std).view(1, 3, 1, 1), persistent=False)
