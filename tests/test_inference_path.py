@@ -138,7 +138,7 @@ def test_controller_at_kept_locations_equals_the_convolution():
             ys = torch.tensor([0, 0, h - 1, h - 1, h // 2, 0])
             xs = torch.tensor([0, w - 1, 0, w - 1, w // 2, w // 2])
             img = torch.tensor([0, 1, 0, 1, 1, 0])
-            got = model.head.params_at(b, img, ys, xs)
+            got = model.head.controller_on(model.head.patches_at(b, img, ys, xs))
             torch.testing.assert_close(got, dense[img, :, ys, xs], rtol=1e-4, atol=1e-5)
 
 
@@ -187,3 +187,24 @@ def test_paste_at_the_same_size_equals_thresholding_the_probabilities(factor):
     size = (9 * factor - 3, 13 * factor - 1) if factor > 1 else (9, 13)
     probs = paste_probs(logits.sigmoid()[:, 0], factor, size, size)
     assert torch.equal(paste_masks(logits, factor, size, size, 0.5), probs > 0.5)
+
+
+def test_training_mask_logits_equal_the_dense_controller():
+    """Training evaluates the controller only at the instances it needs, on any level: the same mask logits
+    (and gradients into the controller) as its dense convolution at every location."""
+    model = _model().train()
+    torch.manual_seed(0)
+    out = model.head_outputs(torch.randint(0, 255, (2, 3, 64, 96), dtype=torch.uint8))
+    sizes = out["level_sizes"]
+    # one instance at the first and the last location of every level, in both images
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    loc = torch.tensor([i for s, n in zip(starts, sizes) for i in (s, s + n - 1)] * 2)
+    img = torch.arange(2).repeat_interleave(len(loc) // 2)
+    got = model.instance_mask_logits(out, img, loc)
+    dense = model._flatten([model.head.controller(b) for b in out["box_feats"]])[img, loc]
+    want = model.mask_head(out["mask_feats"], model.strides[0], dense, img, out["locations"][loc],
+                           model.level_soi[out["levels"][loc]], model.cfg.model.mask_out_stride)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    grad_got = torch.autograd.grad(got.sum(), model.head.controller.weight, retain_graph=True)[0]
+    grad_want = torch.autograd.grad(want.sum(), model.head.controller.weight)[0]
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-5)

@@ -55,7 +55,8 @@ class CondInst(nn.Module):
     # ------------------------------------------------------------------ shared
     def head_outputs(self, images: torch.Tensor, params_only: bool = False) -> dict:
         """Backbone, FCOS head and mask branch on a uint8 batch; head outputs flattened over levels:
-        cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L], params [B, L, P]; mask_feats [B, D, H/8, W/8]
+        cls [B, L, C], reg [B, L, 4] (pixels), ctr [B, L]; box_feats (per level, the controller's input);
+        mask_feats [B, D, H/8, W/8]
         (``params_only``: see ``heads_on``); ``c2`` / ``c3`` the backbone body's stride-4 / stride-8 outputs."""
         x = ((images.float() - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
         feats, low = self.backbone.levels_and_low(x)
@@ -64,11 +65,17 @@ class CondInst(nn.Module):
     def heads_on(self, feats: list[torch.Tensor], params_only: bool = False) -> dict:
         """FCOS head and mask branch on FPN features (what ``head_outputs`` returns; ``fpn`` holds the
         features themselves). ``params_only``: no class, box or centerness outputs (what instance masks
-        need, e.g. SIM's teacher)."""
-        head = self.head(feats, params_only)
+        need, e.g. SIM's teacher). The controller's parameters are not computed at every location:
+        ``instance_mask_logits`` evaluates its convolution on ``box_feats`` (the box tower's output per
+        level) at the few instances it is asked for (at every location it would cost about one more tower
+        convolution, and its backward pass as much again)."""
+        if params_only:
+            head = {"box_feats": [self.head.box_tower(x) for x in feats]}
+        else:
+            head = self.head.forward_dense(feats)
         locations, levels = self._locations(feats)
         out = {
-            "params": self._flatten(head["params"]), "mask_feats": self.mask_branch(feats[:3]),
+            "box_feats": head["box_feats"], "mask_feats": self.mask_branch(feats[:3]),
             "locations": locations, "levels": levels, "level_sizes": [t.shape[-2] * t.shape[-1] for t in feats],
             "fpn": feats,
         }
@@ -78,10 +85,11 @@ class CondInst(nn.Module):
 
     def instance_mask_logits(self, out: dict, image_idx: torch.Tensor, loc_idx: torch.Tensor) -> torch.Tensor:
         """Mask logits [N, 1, H/s, W/s] of the instances at (image, location), s = mask_out_stride."""
-        soi = self.level_soi[out["levels"][loc_idx]]
+        levels = out["levels"][loc_idx]
+        params = self._params_at(out["box_feats"], levels, image_idx, loc_idx, out["level_sizes"])
         return self.mask_head(
-            out["mask_feats"], self.strides[0], out["params"][image_idx, loc_idx], image_idx,
-            out["locations"][loc_idx], soi, self.cfg.model.mask_out_stride,
+            out["mask_feats"], self.strides[0], params, image_idx, out["locations"][loc_idx],
+            self.level_soi[levels], self.cfg.model.mask_out_stride,
         )
 
     def _locations(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,20 +345,18 @@ class CondInst(nn.Module):
 
     def _params_at(self, box_feats: list[torch.Tensor], level: torch.Tensor, image_idx: torch.Tensor,
                    loc_idx: torch.Tensor, level_sizes: list[int]) -> torch.Tensor:
-        """Controller parameters [N, P] of the instances at flat locations ``loc_idx`` (of FPN ``level``)."""
-        params = None
+        """Controller parameters [N, P] of the instances at flat locations ``loc_idx`` (of FPN ``level``).
+        Every level gathers a neighbourhood for every instance (its index clamped into the level) and the
+        instance keeps its own level's: no boolean selection, so no host sync in a training step."""
+        patches = None
         start = 0
         for lvl, (feat, n) in enumerate(zip(box_feats, level_sizes)):
-            sel = torch.nonzero(level == lvl)[:, 0]
-            if sel.numel():
-                idx = loc_idx[sel] - start
-                w = feat.shape[-1]
-                p = self.head.params_at(feat, image_idx[sel], idx // w, idx % w)
-                if params is None:
-                    params = p.new_empty(len(loc_idx), p.shape[1])
-                params[sel] = p
+            w = feat.shape[-1]
+            idx = (loc_idx - start).clamp(0, n - 1)
+            p = self.head.patches_at(feat, image_idx, idx // w, idx % w)
+            patches = p if patches is None else torch.where((level == lvl)[:, None], p, patches)
             start += n
-        return params
+        return self.head.controller_on(patches)
 
 
 def host_to_device(values: list[int], device: torch.device) -> torch.Tensor:

@@ -77,16 +77,13 @@ class FCOSHead(nn.Module):
                 self.controller.weight.mul_(0.1)
                 self.controller.bias.copy_(controller_bias)
 
-    def forward(self, feats: list[torch.Tensor], params_only: bool = False) -> dict[str, list[torch.Tensor]]:
-        """``params_only``: only the controller's output (and the box tower under it), which is all the
-        SIM teacher reads."""
-        keys = ("params",) if params_only else ("cls", "reg", "ctr", "params")
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    def forward(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Every output at every location, the controller's parameters ``params`` included (the ONNX
+        graph's form; training and inference use ``forward_dense``)."""
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("cls", "reg", "ctr", "params")}
         for level, x in enumerate(feats):
             b = self.box_tower(x)
             out["params"].append(self.controller(b))
-            if params_only:
-                continue
             out["cls"].append(self.cls_logits(self.cls_tower(x)))
             # Distances are predicted in units of the level's stride (FCOS's norm_reg_targets).
             out["reg"].append(F.relu(self.scales[level](self.bbox_pred(b))) * self.strides[level])
@@ -94,9 +91,9 @@ class FCOSHead(nn.Module):
         return out
 
     def forward_dense(self, feats: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        """Inference: class, box and centerness outputs per level as ``forward``, and the box tower's
-        features ``box_feats`` in place of the controller's output, which ``params_at`` evaluates at the
-        few locations kept (at every location it costs about one more tower convolution)."""
+        """Class, box and centerness outputs per level as ``forward``, and the box tower's features
+        ``box_feats`` in place of the controller's output, which ``patches_at`` and ``controller_on``
+        evaluate at the few locations needed (at every location it costs about one more tower convolution)."""
         out: dict[str, list[torch.Tensor]] = {"cls": [], "reg": [], "ctr": [], "box_feats": []}
         for level, x in enumerate(feats):
             b = self.box_tower(x)
@@ -106,15 +103,19 @@ class FCOSHead(nn.Module):
             out["ctr"].append(self.ctrness(b))
         return out
 
-    def params_at(self, box_feats: torch.Tensor, image_idx: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """The controller's output [N, P] at rows ``ys`` and columns ``xs`` of images ``image_idx`` of one
-        level's box-tower features [B, C, h, w]: its 3x3 convolution evaluated at those locations only."""
-        w = self.controller.weight  # [P, C, 3, 3]
+    def patches_at(self, box_feats: torch.Tensor, image_idx: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor
+                   ) -> torch.Tensor:
+        """The controller's input at rows ``ys`` and columns ``xs`` of images ``image_idx`` of one level's
+        box-tower features [B, C, h, w]: each location's zero-padded 3x3 neighbourhood, [N, 9 * C]."""
         padded = F.pad(box_feats, (1, 1, 1, 1))  # the convolution's zero padding
         dy, dx = torch.meshgrid(torch.arange(3, device=ys.device), torch.arange(3, device=ys.device), indexing="ij")
         # [N, 9, C]: the 3x3 neighbourhood of each location (advanced indices first, then the channels)
-        patches = padded[image_idx[:, None], :, ys[:, None] + dy.reshape(1, -1), xs[:, None] + dx.reshape(1, -1)]
-        return F.linear(patches.flatten(1), w.permute(0, 2, 3, 1).flatten(1), self.controller.bias)
+        return padded[image_idx[:, None], :, ys[:, None] + dy.reshape(1, -1), xs[:, None] + dx.reshape(1, -1)].flatten(1)
+
+    def controller_on(self, patches: torch.Tensor) -> torch.Tensor:
+        """The controller's 3x3 convolution on ``patches_at``'s neighbourhoods: parameters [N, P]."""
+        w = self.controller.weight  # [P, C, 3, 3]
+        return F.linear(patches, w.permute(0, 2, 3, 1).flatten(1), self.controller.bias)
 
 
 def ltrb_to_boxes(locations: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
