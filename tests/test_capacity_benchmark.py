@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -56,15 +58,17 @@ def test_capacity_benchmark_end_to_end(tmp_path):
     assert set(json.loads((tmp_path / "back" / "back.json").read_text())["curves"]) == {"preset"}
 
 
-def test_large_preset_is_the_benchmarked_heavy_capacity():
-    """The shipped mobilenet_v2_192_large preset is what capacity.py measured as `heavy`, so the numbers its
-    comment and the README cite stay the preset's."""
+@pytest.mark.parametrize("preset, capacity", [("mobilenet_v2_192_large", "heavy"),
+                                              ("mobilenet_v2_192_wide", "wide256sep")])
+def test_capacity_presets_are_the_benchmarked_capacities(preset, capacity):
+    """The shipped capacity presets are what capacity.py and sim_paired.py measured (heavy, wide256sep), so
+    the numbers their comments and the README cite stay the presets'."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from capacity import CAPACITIES
 
     from boxmask.config import load_config
 
-    large = load_config("mobilenet_v2_192_large")
-    heavy = load_config("mobilenet_v2_192", CAPACITIES["heavy"])
-    assert large.model == heavy.model and large.solver == heavy.solver and large.data == heavy.data
-    assert large.model.fpn_channels == 256 and len(large.model.fpn_strides) == 5
+    shipped = load_config(preset)
+    measured = load_config("mobilenet_v2_192", CAPACITIES[capacity])
+    assert shipped.model == measured.model and shipped.solver == measured.solver and shipped.data == measured.data
+    assert shipped.model.fpn_channels == 256
