@@ -114,8 +114,7 @@ def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") ->
             cut = split_pairs(pm["target"], pm["weight"], size, dil).expand(-1, size * size - 1, -1, -1) > 0
             gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
             linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
-            f = {"mask": lambda: pm["teacher_feats"], "c3": lambda: sim._upsampled(aux["out"]["c3"].float(), (h, w)),
-                 "c2": lambda: aux["out"]["c2"].float()[:, :, :h, :w]}[features]()
+            f = pm["teacher_feats"] if features == "mask" else sim.low_level(aux, features, (h, w))
             z = F.normalize(f[pm["image"]], dim=1)
             cos = neighbour_cosine(z, size, dil)
             rim, deep = rim_and_deep(gt, size, dil)

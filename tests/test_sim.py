@@ -962,6 +962,7 @@ def test_texture_gate_unlinks_only_pairs_across_a_texture_boundary(features):
                                             f"sim.pairwise_texture_features={features}"])
     stub = SimpleNamespace(cfg=cfg)
     stub._upsampled = lambda f, hw: SIM._upsampled(stub, f, hw)
+    stub.low_level = lambda aux, name, hw: SIM.low_level(stub, aux, name, hw)
     # C3 has the stride of the first pyramid level, C2 that of the mask grid
     factor = cfg.model.fpn_strides[0] // cfg.model.mask_out_stride if features == "c3" else 1
     low = torch.zeros(1, 4, 6, 8)
@@ -990,3 +991,23 @@ def test_texture_gate_makes_the_pairwise_term_sims_own_from_the_first_step(synth
                                              semantic=False)
     assert batch["pairwise_elsewhere"]
     assert losses["loss_pairwise"].requires_grad and float(losses["loss_pairwise"].detach()) > 0
+
+
+@pytest.mark.parametrize("mask_stride", [4, 8, 2])
+def test_c2_on_the_mask_grid_at_any_mask_stride(mask_stride):
+    """The texture gate's C2 (stride 4) on the mask grid: itself at the default mask stride 4, the mean of
+    each cell at stride 8 (not its top-left quarter), upsampled at stride 2; always the grid's shape."""
+    from types import SimpleNamespace
+
+    from boxmask.modeling.sim.method import SIM
+
+    cfg = load_config("configs/tiny.yaml", ["method=sim", f"model.mask_out_stride={mask_stride}"])
+    stub = SimpleNamespace(cfg=cfg)
+    c2 = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).reshape(2, 3, 8, 12)  # a 32 x 48 image
+    hw = (32 // mask_stride, 48 // mask_stride)
+    got = SIM.low_level(stub, {"out": {"c2": c2}}, "c2", hw)
+    assert got.shape == (2, 3, *hw)
+    if mask_stride == 4:
+        assert torch.equal(got, c2)
+    elif mask_stride == 8:
+        assert torch.equal(got, torch.nn.functional.avg_pool2d(c2, 2))

@@ -28,6 +28,8 @@ from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
 from .texture_map import background_ring, texture_map
 
+# the stride of the backbone body's C2 output (its last stride-4 block)
+C2_STRIDE = 4
 # the texture map's background outside the box: this many mask cells around it (16 px at stride 4)
 TEXTURE_RING = 4
 
@@ -100,6 +102,18 @@ class SIM(nn.Module):
         factor = self.cfg.model.fpn_strides[0] // self.cfg.model.mask_out_stride
         return aligned_bilinear(mask_feats, factor)[:, :, : hw[0], : hw[1]]
 
+    def low_level(self, aux: dict, name: str, hw: tuple[int, int]) -> torch.Tensor:
+        """The backbone body's ``c3`` (stride 8) or ``c2`` (stride 4) output, detached, on the mask grid
+        ``hw``: C3 upsampled as the mask features are; C2 as it is at the default mask stride 4, averaged
+        over each cell of a coarser grid (``model.mask_out_stride=8``), upsampled for a finer one."""
+        f = aux["out"][name].detach().float()
+        if name == "c3":
+            return self._upsampled(f, hw)
+        mos = self.cfg.model.mask_out_stride
+        if mos > C2_STRIDE:
+            f = F.avg_pool2d(f, mos // C2_STRIDE)
+        return aligned_bilinear(f, max(C2_STRIDE // mos, 1))[:, :, : hw[0], : hw[1]]
+
     @torch.no_grad()
     def pseudo_masks(self, batch: dict, aux: dict, teacher_features: bool = False) -> dict:
         """Per-object maps on the mask grid: instance map M_I (teacher masks of the positives, weighted),
@@ -169,7 +183,7 @@ class SIM(nn.Module):
         background: the confident in-box background and a ring outside the box) and the map fused with it;
         an object with too few cells on either side keeps ``fused``."""
         s = self.cfg.sim
-        feats = self._upsampled(aux["out"]["c3"].detach().float(), hw)  # C3 has the mask features' stride
+        feats = self.low_level(aux, "c3", hw)
         in_box = box > 0
         fg = (fused >= tau_high[:, None, None]) & in_box
         bg = ((fused <= s.tau_low) & in_box) | background_ring(box, TEXTURE_RING)
@@ -365,10 +379,7 @@ class SIM(nn.Module):
             affinity = aux["color_sim"] * torch.exp(-torch.linalg.vector_norm(diff, dim=1))
             thresh = s.pairwise_feat_thresh
         if s.pairwise_texture_thresh > 0:
-            hw = affinity.shape[-2:]
-            f = aux["out"][s.pairwise_texture_features].detach().float()
-            # C3 (stride 8) up to the mask grid; C2 has its stride (4) already
-            f = self._upsampled(f, hw) if s.pairwise_texture_features == "c3" else f[:, :, : hw[0], : hw[1]]
+            f = self.low_level(aux, s.pairwise_texture_features, affinity.shape[-2:])
             cos = neighbour_cosine(F.normalize(f, dim=1), lc.pairwise_size, lc.pairwise_dilation)
             affinity = affinity * (cos >= s.pairwise_texture_thresh).to(affinity.dtype)
         return affinity, thresh
