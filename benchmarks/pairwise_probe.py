@@ -14,9 +14,12 @@ pair from a pair inside one side. Per object split, over the colour-linked in-bo
   those the GT splits too (``cut_right``) or not (``cut_wrong``, a pair inside one side left out);
 * a feature similarity (``--features mask``: cosine of the teacher's normalised mask features, as a
   feature-gated affinity would use it; ``c3``: of the student backbone's stride-8 features, as
-  ``sim.pairwise_texture_thresh`` uses it; ``c2``: of its stride-4 ones): for each threshold, the share of GT-crossing pairs and of
+  ``sim.pairwise_texture_thresh`` uses it; ``c2``: of its stride-4 ones; ``c2tex`` / ``c3tex``: 1 - the step of the object's texture contrast
+  between the two cells where they fall on opposite sides of it, 1 elsewhere, so that ``< t`` is what
+  ``sim.pairwise_texture_split=1-t`` leaves out): for each threshold, the share of GT-crossing pairs and of
   same-side pairs below it. A signal that separates the two removes many more of the first than of the
-  second.
+  second. ``--edge-protect``: a pair with a cell next to a colour edge counts as similar (a gate that
+  would only act away from colour edges).
 
 Results: benchmarks/results/NAME.{json,md} (``--name``, default pairwise_probe). Not a test.
 """
@@ -43,6 +46,7 @@ from boxmask.modeling.color import neighbour_cosine, unfold_neighbours  # noqa: 
 from boxmask.modeling.condinst import gt_masks_on_grid  # noqa: E402
 from boxmask.modeling.sim.method import erode  # noqa: E402
 from boxmask.modeling.sim.pseudo_loss import split_pairs  # noqa: E402
+from boxmask.modeling.sim.texture_map import background_ring, texture_map  # noqa: E402
 
 THRESHOLDS = (0.2, 0.4, 0.5, 0.6, 0.7)
 COUNTS = ("linked", "gt_split", "cut", "cut_right", "cut_wrong")
@@ -80,7 +84,30 @@ def rim_and_deep(gt: torch.Tensor, size: int, dilation: int, width: int = 2) -> 
     return both & ~deep, deep
 
 
-def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") -> dict[str, dict[str, float]]:
+def texture_contrast(feats: torch.Tensor, pm: dict, size: int, dilation: int) -> torch.Tensor:
+    """Per object, ``1 - |d_i - d_j|`` for the neighbour pairs whose cells fall on opposite sides of the
+    object's texture contrast ``d = cos(f, p_fg) - cos(f, p_bg)`` (p_fg: the mean unit feature of its pseudo
+    foreground, p_bg: of its confident in-box background and a 4-cell ring outside the box), 1 for the others:
+    low where one cell looks like the object and the other like its surroundings. [G, K, h, w]."""
+    in_box = pm["box"] > 0
+    fg = (pm["target"] > 0) & (pm["weight"] > 0) & in_box
+    bg = ((pm["fused"] <= 0.4) & in_box) | background_ring(pm["box"], 4)
+    m_t, _ = texture_map(feats, pm["image"], fg, bg, pm["box"], 1.0)
+    d = torch.logit(m_t.clamp(1e-6, 1 - 1e-6))[:, None]  # the contrast itself (tau 1)
+    dq = unfold_neighbours(d, size, dilation)[:, 0]
+    opposite = (d > 0) != (dq > 0)
+    return torch.where(opposite, 1.0 - (d - dq).abs(), torch.ones_like(dq))
+
+
+def colour_edge_protected(color_sim: torch.Tensor, thresh: float, size: int, dilation: int) -> torch.Tensor:
+    """[B, K, h, w] colour similarities -> [B, K, h, w]: the pairs with a cell that has a neighbour it is not
+    colour-linked to (a colour edge within one pair's reach), which the edge-protected gate never unlinks."""
+    edge = (color_sim < thresh).any(dim=1, keepdim=True).float()
+    return (edge > 0) | (unfold_neighbours(edge, size, dilation)[:, 0] > 0)
+
+
+def probe_run(run: Path, data: Path, max_images: int, features: str = "mask", edge_protect: bool = False
+              ) -> dict[str, dict[str, float]]:
     """Per split, the pair counts summed over the val objects with positives (the first ``max_images``);
     ``features``: the cosines of the teacher's mask features (``mask``), of the student backbone's stride-8
     features (``c3``, what ``sim.pairwise_texture_thresh`` gates on) or of its stride-4 ones (``c2``)."""
@@ -114,9 +141,15 @@ def probe_run(run: Path, data: Path, max_images: int, features: str = "mask") ->
             cut = split_pairs(pm["target"], pm["weight"], size, dil).expand(-1, size * size - 1, -1, -1) > 0
             gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
             linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
-            f = pm["teacher_feats"] if features == "mask" else sim.low_level(aux, features, (h, w))
-            z = F.normalize(f[pm["image"]], dim=1)
-            cos = neighbour_cosine(z, size, dil)
+            if features.endswith("tex"):
+                cos = texture_contrast(sim.low_level(aux, features[:2], (h, w)), pm, size, dil)
+            else:
+                f = pm["teacher_feats"] if features == "mask" else sim.low_level(aux, features, (h, w))
+                z = F.normalize(f[pm["image"]], dim=1)
+                cos = neighbour_cosine(z, size, dil)
+            if edge_protect:
+                prot = colour_edge_protected(aux["color_sim"], lc.pairwise_color_thresh, size, dil)[pm["image"]]
+                cos = torch.where(prot, torch.full_like(cos, 2.0), cos)
             rim, deep = rim_and_deep(gt, size, dil)
             for g in torch.nonzero(pm["has_pos"]).flatten().tolist():
                 counts = pair_counts(linked[g], gt_split[g], cut[g], cos[g], rim=rim[g], deep=deep[g])
@@ -147,7 +180,10 @@ def to_markdown(results: dict, data: Path, features: str = "mask") -> str:
              "label's cut that the GT splits too; *cut catches*: share of the crossing pairs the cut leaves out; "
              "*cos < t*: share of the crossing pairs / of the same-side pairs whose feature cosine is below t; "
              + {"mask": "the teacher's mask features.", "c3": "the student backbone's stride-8 features (C3).",
-                "c2": "the student backbone's stride-4 features (C2)."}[features]
+                "c2": "the student backbone's stride-4 features (C2).",
+                "c2tex": "1 - the texture contrast's step between the two cells where they fall on opposite sides "
+                         "of it (1 elsewhere), in the stride-4 features (C2).",
+                "c3tex": "the same in the stride-8 features (C3)."}[features]
              + " Second table: of the linked pairs with both cells inside the GT object, the share below t near "
              "its boundary (a cell within 2 mask cells of it) / further in.", ""]
     for run, by_split in results.items():
@@ -175,11 +211,13 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=0, help="the first N val images (0: all)")
     ap.add_argument("--results", default=str(ROOT / "results"), help="folder for NAME.json and .md")
     ap.add_argument("--name", default="pairwise_probe")
-    ap.add_argument("--features", choices=("mask", "c3", "c2"), default="mask",
+    ap.add_argument("--features", choices=("mask", "c3", "c2", "c2tex", "c3tex"), default="mask",
                     help="whose cosines: the teacher's mask features or the backbone's stride-8 features")
+    ap.add_argument("--edge-protect", action="store_true",
+                    help="a pair with a cell next to a colour edge counts as similar whatever its cosine")
     args = ap.parse_args()
     data = Path(args.data)
-    results = {Path(r).name: probe_run(Path(r), data, args.max_images, args.features) for r in args.runs}
+    results = {Path(r).name: probe_run(Path(r), data, args.max_images, args.features, args.edge_protect) for r in args.runs}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps({"data": str(data), "features": args.features,

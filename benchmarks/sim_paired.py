@@ -164,6 +164,13 @@ ARMS["sim-texgate0.5"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.5
 ARMS["sim-texgate-c2-0.2"] = ("sim", "train.json", ["sim.pairwise_texture_thresh=0.2",
                                                     "sim.pairwise_texture_features=c2"])
 
+# the pairwise cut also leaving out the pairs on opposite sides of the object's texture contrast in C2 (each
+# cell against the object's own cells and its surroundings, not against its neighbour): on the seed-1
+# default's val objects, a step >= 0.5 marks 23% of the near-colour crossing pairs and 0.3-0.5% of the pairs
+# inside a plain object (pairwise_probe_c2tex.md; the C2 gate above: 39% and 8-9%)
+ARMS["sim-texsplit0.5"] = ("sim", "train.json", ["sim.pairwise_texture_split=0.5"])
+ARMS["sim-texsplit0.3"] = ("sim", "train.json", ["sim.pairwise_texture_split=0.3"])
+
 
 def make_data(folder: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
     if (folder / "val.json").is_file():

@@ -220,6 +220,14 @@ class SimConfig:
     # label's thresholds as they are
     pairwise_cut_high: float = 0.0
     pairwise_cut_low: float = 1.0
+    # the cut also leaves out the pairs whose two cells fall on opposite sides of the object's texture
+    # contrast in the backbone's stride-4 features (C2): d = cos(f, p_fg) - cos(f, p_bg), p_fg the mean of its
+    # pseudo foreground, p_bg of its confident in-box background and a 4-cell ring outside the box (the texture
+    # map's prototypes); a pair is left out where one cell has d > 0, the other d <= 0, and they differ by at
+    # least this (0 = off). Unlike the texture gate it compares each cell with the object's own appearance
+    # and its surroundings', not with its neighbour: a colour-matched region of background texture falls on
+    # the background side, a textured object's own cells stay on its side (pairwise_probe_c2tex.md)
+    pairwise_texture_split: float = 0.0
     # the cut only in the objects where it would leave out at least this share of the pairwise term's pairs
     # (a colour-matched region the teacher separates from the object); the others keep every pair
     pairwise_cut_min_share: float = 0.0
@@ -357,7 +365,7 @@ RANGES: dict[str, str] = {
     "sim.ramp_frac": "[0, 1]",
     "sim.pairwise_feat_thresh": "[0, 1]", "sim.pairwise_texture_thresh": "[0, 1)", "sim.pairwise_cut_high": "[0, 1]",
     "sim.pairwise_cut_low": "[0, 1]", "sim.pairwise_cut_min_share": "[0, 1]", "sim.pairwise_cut_min_side": ">= 0",
-    "sim.pairwise_cut_until": "[0, 1]",
+    "sim.pairwise_cut_until": "[0, 1]", "sim.pairwise_texture_split": "[0, 4]",
     "sim.paste_prob": "[0, 1]", "sim.bank_length": ">= 1",
     "sim.paste_fraction": "[0, 1]", "sim.paste_min": ">= 1", "sim.paste_max": ">= 1", "sim.paste_score_power": ">= 0",
     "sim.paste_weight": ">= 0", "sim.viz_paste": ">= 0", "sim.bg_prototypes": ">= 0", "sim.proto_erode": ">= 0",
@@ -574,7 +582,7 @@ SEMANTIC_KEYS = ("sim.num_prototypes", "sim.tau", "sim.sinkhorn_eps", "sim.sinkh
 TEXTURE_KEYS = ("sim.texture_weight", "sim.texture_tau")
 # keys that only act with the pairwise cut
 CUT_KEYS = ("sim.pairwise_cut_high", "sim.pairwise_cut_low", "sim.pairwise_cut_min_share", "sim.pairwise_cut_min_side",
-            "sim.pairwise_cut_until")
+            "sim.pairwise_cut_until", "sim.pairwise_texture_split")
 
 
 def _check_idle_keys(cfg: Config, touched: set[str]) -> None:

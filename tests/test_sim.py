@@ -1011,3 +1011,61 @@ def test_c2_on_the_mask_grid_at_any_mask_stride(mask_stride):
         assert torch.equal(got, c2)
     elif mask_stride == 8:
         assert torch.equal(got, torch.nn.functional.avg_pool2d(c2, 2))
+
+
+def test_texture_split_leaves_out_pairs_across_the_objects_own_texture_contrast():
+    """texture_split: an object whose own cells (left) and surroundings (right) have orthogonal features;
+    the pairs it leaves out all straddle the boundary (and some do), none leaves the map, none at all below
+    the step or for an object whose contrast means nothing."""
+    from boxmask.modeling.color import unfold_neighbours
+    from boxmask.modeling.sim.texture_map import texture_contrast, texture_split
+
+    f = torch.zeros(1, 2, 6, 8)
+    f[0, 0, :, :4], f[0, 1, :, 4:] = 1.0, 1.0
+    fg = torch.zeros(1, 6, 8, dtype=torch.bool)
+    fg[:, :, :2] = True
+    bg = torch.zeros(1, 6, 8, dtype=torch.bool)
+    bg[:, :, 6:] = True
+    contrast, valid = texture_contrast(f, torch.tensor([0]), fg, bg)
+    assert torch.equal(contrast[0, :, :4], torch.ones(6, 4)) and torch.equal(contrast[0, :, 4:], -torch.ones(6, 4))
+    split = texture_split(contrast, valid, 0.5, 3, 2)
+    x = torch.arange(8, dtype=torch.float32).expand(1, 1, 6, 8) + 1
+    nx = unfold_neighbours(x, 3, 2)[:, 0]
+    straddles = ((x[:, 0, None] <= 4) != (nx <= 4)) & (nx > 0)
+    assert split.shape == (1, 8, 6, 8) and split.bool().any()
+    assert torch.equal(split.bool(), straddles)  # both cells of a straddling pair are certain of their side
+    assert not texture_split(contrast, valid, 2.5, 3, 2).any()  # the step is 2 here
+    assert not texture_split(contrast, torch.tensor([False]), 0.5, 3, 2).any()
+    _, few = texture_contrast(f, torch.tensor([0]), fg & False, bg)
+    assert not few.item()
+
+
+def test_texture_split_widens_the_pairwise_cut(synth_data, monkeypatch):
+    """sim.pairwise_texture_split: past the switch-on the cut leaves out the pseudo label's split pairs and the
+    texture contrast's too (logged as pairwise_texture_split, part of pairwise_cut); the term stays finite. The
+    untrained teacher is unsure everywhere, so the pseudo label here is each box's left half (foreground) and
+    right half (background)."""
+    cfg, batch, model, sim, _ = _pairwise_counted(synth_data, monkeypatch, ["sim.pairwise_texture_split=0.05"])
+    on = int(cfg.sim.warmup_frac * cfg.solver.max_iters) + 1
+    b = sim.prepare_batch(batch, on, 0)
+    _, aux = model(b, return_aux=True)
+    pm = sim.pseudo_masks(b, aux)
+    box = pm["box"]
+    cols = torch.arange(box.shape[-1]).view(1, 1, -1)
+    first = torch.where(box.amax(1) > 0, cols[:, 0], box.shape[-1]).amin(1)
+    last = torch.where(box.amax(1) > 0, cols[:, 0], -1).amax(1)
+    left = (cols <= ((first + last) // 2).view(-1, 1, 1)).float() * box
+    pm.update(target=left, weight=box, fused=0.05 + 0.9 * left)
+    stats = {}
+    term = sim._pairwise(aux, pm, True, stats)
+    assert torch.isfinite(term) and term.requires_grad
+    share, cut = float(stats["pairwise_texture_split"]), float(stats["pairwise_cut"])
+    assert 0.0 < share and cut < 1.0
+    sim.cfg.sim.pairwise_texture_split = 0.0
+    without = {}
+    sim._pairwise(aux, pm, True, without)
+    assert "pairwise_texture_split" not in without and float(without["pairwise_cut"]) < cut
+    from boxmask.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sim\.pairwise_texture_split"):
+        load_config("configs/tiny.yaml", ["method=sim", "sim.pairwise_pseudo_cut=false", "sim.pairwise_texture_split=0.3"])

@@ -26,7 +26,7 @@ from .pseudo_loss import (adaptive_high_threshold, cut_sides, fuse, margin_ignor
                           region_weight, rim_targets, soft_targets, split_pairs)
 from .self_correction import claimed_by_rivals, merge_masks, merge_per_object
 from .teacher import EMATeacher
-from .texture_map import background_ring, texture_map
+from .texture_map import background_ring, texture_contrast, texture_map, texture_split
 
 # the stride of the backbone body's C2 output (its last stride-4 block)
 C2_STRIDE = 4
@@ -350,11 +350,30 @@ class SIM(nn.Module):
             if s.pairwise_cut_min_side > 0:  # per instance: its box's shorter side on the mask grid
                 side = torch.minimum(box_masks.amax(2).sum(1), box_masks.amax(1).sum(1))
                 split = split * (side >= s.pairwise_cut_min_side).to(split.dtype)[:, None, None, None]
+            if s.pairwise_texture_split > 0:
+                by_texture = self._texture_split(aux, pm)[pm["group"]]
+                if stats is not None:
+                    stats["pairwise_texture_split"] = (counted * by_texture).sum() / counted.sum().clamp_min(1.0)
+                split = torch.maximum(split, by_texture)
             keep = 1.0 - split
             if stats is not None:
                 stats["pairwise_cut"] = (counted * split).sum() / counted.sum().clamp_min(1.0)
         return boxinst_loss.pairwise_loss(logits, sim[aux["inst"]["image"]], box_masks, thresh, lc.pairwise_size,
                                           lc.pairwise_dilation, keep)
+
+    @torch.no_grad()
+    def _texture_split(self, aux: dict, pm: dict) -> torch.Tensor:
+        """Per object [G, K, h, w]: the neighbour pairs on opposite sides of its texture contrast in C2
+        (``sim.pairwise_texture_split``); its own cells: the pseudo foreground, its background: the confident
+        in-box background (fused map <= ``sim.tau_low``) and a ring outside the box."""
+        s, lc = self.cfg.sim, self.cfg.loss
+        box = pm["box"]
+        in_box = box > 0
+        fg = (pm["target"] > 0) & (pm["weight"] > 0) & in_box
+        bg = ((pm["fused"] <= s.tau_low) & in_box) | background_ring(box, TEXTURE_RING)
+        feats = self.low_level(aux, "c2", box.shape[-2:])
+        contrast, valid = texture_contrast(feats, pm["image"], fg, bg)
+        return texture_split(contrast, valid, s.pairwise_texture_split, lc.pairwise_size, lc.pairwise_dilation)
 
     @staticmethod
     def _pairwise_boxes(aux: dict) -> torch.Tensor:
