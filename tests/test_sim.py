@@ -714,12 +714,13 @@ def test_pairwise_cut_until_hands_the_term_back_to_condinst(synth_data, monkeypa
 
 def _left_column_cut(synth_data, monkeypatch):
     """A SIM step whose pseudo label is the left three columns of each box (every instance has split pairs),
-    with the cut on: the step's aux, the split pairs per instance, the share of each instance's colour-linked
-    pairs they are, and ``keep(key, value)``: the per-pair weight the pairwise term gets with ``sim.key=value``."""
+    with the cut on (the pseudo label's split alone, no texture split): the step's aux, the split pairs per
+    instance, the share of each instance's colour-linked pairs they are, and ``keep(key, value)``: the per-pair
+    weight the pairwise term gets with ``sim.key=value``."""
     from boxmask.modeling import boxinst_loss
     from boxmask.modeling.sim.pseudo_loss import split_pairs
 
-    sim, _, batch, aux, _, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true"])
+    sim, _, batch, aux, _, _, _ = _sim_step(synth_data, ["sim.pairwise_pseudo_cut=true", "sim.pairwise_texture_split=0"])
     lc = sim.cfg.loss
     pm = sim.pseudo_masks(batch, aux)
     box = pm["box"]
@@ -1061,6 +1062,11 @@ def test_texture_split_widens_the_pairwise_cut(synth_data, monkeypatch):
     assert torch.isfinite(term) and term.requires_grad
     share, cut = float(stats["pairwise_texture_split"]), float(stats["pairwise_cut"])
     assert 0.0 < share and cut < 1.0
+    sim.cfg.sim.pairwise_cut_min_side = 1000  # the cut's gates act on the texture split too
+    gated = {}
+    sim._pairwise(aux, pm, True, gated)
+    assert float(gated["pairwise_cut"]) == 0.0
+    sim.cfg.sim.pairwise_cut_min_side = 0
     sim.cfg.sim.pairwise_texture_split = 0.0
     without = {}
     sim._pairwise(aux, pm, True, without)

@@ -337,7 +337,9 @@ class SIM(nn.Module):
                   affinity: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The pairwise term with SIM's options: ``sim.pairwise_feat_sim`` (the released code's colour x
         teacher-feature similarity >= ``sim.pairwise_feat_thresh``) and ``cut`` (the pairs the pseudo label
-        confidently splits left out; ``stats["pairwise_cut"]``: the share of the term's pairs it leaves out)."""
+        confidently splits left out, and with ``sim.pairwise_texture_split`` those across the object's texture
+        contrast; the cut's gates by share and size act on both; ``stats["pairwise_cut"]``: the share of the
+        term's pairs it leaves out)."""
         lc, s = self.cfg.loss, self.cfg.sim
         logits = aux["mask_logits"]
         box_masks = self._pairwise_boxes(aux)
@@ -345,16 +347,16 @@ class SIM(nn.Module):
         keep = None
         if cut:
             split, counted, share = splits or self._split_share(aux, pm, (sim, thresh))
-            if s.pairwise_cut_min_share > 0:  # per instance: the share of its pairs the cut would leave out
-                split = split * (share >= s.pairwise_cut_min_share).to(split.dtype)[:, None, None, None]
-            if s.pairwise_cut_min_side > 0:  # per instance: its box's shorter side on the mask grid
-                side = torch.minimum(box_masks.amax(2).sum(1), box_masks.amax(1).sum(1))
-                split = split * (side >= s.pairwise_cut_min_side).to(split.dtype)[:, None, None, None]
             if s.pairwise_texture_split > 0:
                 by_texture = self._texture_split(aux, pm)[pm["group"]]
                 if stats is not None:
                     stats["pairwise_texture_split"] = (counted * by_texture).sum() / counted.sum().clamp_min(1.0)
                 split = torch.maximum(split, by_texture)
+            if s.pairwise_cut_min_share > 0:  # per instance: the share of its pairs the pseudo label splits
+                split = split * (share >= s.pairwise_cut_min_share).to(split.dtype)[:, None, None, None]
+            if s.pairwise_cut_min_side > 0:  # per instance: its box's shorter side on the mask grid
+                side = torch.minimum(box_masks.amax(2).sum(1), box_masks.amax(1).sum(1))
+                split = split * (side >= s.pairwise_cut_min_side).to(split.dtype)[:, None, None, None]
             keep = 1.0 - split
             if stats is not None:
                 stats["pairwise_cut"] = (counted * split).sum() / counted.sum().clamp_min(1.0)
