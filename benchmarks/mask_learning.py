@@ -59,11 +59,15 @@ VARIANTS = {
     "sim-student-teacher": ("sim", "train.json", ["sim.teacher_backbone=student"]),
     # the pairwise cut with hard targets on every step (warm-up 0, so a timed step is a self-training step), as
     # measured in step_time_cut.md before soft targets became the default (without them it would be sim-on)
-    "sim-cut-on": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pseudo_target=hard", "sim.warmup_frac=0.0"]),
+    "sim-cut-on": ("sim", "train.json", ["sim.pairwise_pseudo_cut=true", "sim.pseudo_target=hard", "sim.warmup_frac=0.0",
+                                      "sim.pairwise_texture_split=0"]),
     # the default sim on every step (warm-up 0, so a timed step is a self-training step)
     "sim-on": ("sim", "train.json", ["sim.warmup_frac=0.0"]),
-    # the same with the pairwise term's texture gate (sim.pairwise_texture_thresh)
-    "sim-texgate-on": ("sim", "train.json", ["sim.warmup_frac=0.0", "sim.pairwise_texture_thresh=0.5"]),
+    # the same without the texture split in the cut (the default before sim.pairwise_texture_split=0.3)
+    "sim-nosplit-on": ("sim", "train.json", ["sim.warmup_frac=0.0", "sim.pairwise_texture_split=0"]),
+    # the former default with the pairwise term's texture gate (sim.pairwise_texture_thresh)
+    "sim-texgate-on": ("sim", "train.json", ["sim.warmup_frac=0.0", "sim.pairwise_texture_thresh=0.5",
+                                             "sim.pairwise_texture_split=0"]),
     # the released code's copy-paste: bank of 50, half of the objects with replacement, score cubed
     "sim-release-copy-paste": ("sim", "train.json", ["sim.bank_length=50", "sim.paste_fraction=0.5",
                                                      "sim.paste_replacement=true", "sim.paste_score_power=3"]),

@@ -129,6 +129,7 @@ BEFORE_SOFT_CUT = ["sim.pairwise_pseudo_cut=false", "sim.pseudo_target=hard", "s
 ARMS = {name: (method, train_json, [*BEFORE_SOFT_CUT, *extra] if method == "sim" else extra)
         for name, (method, train_json, extra) in ARMS.items()}
 ARMS["sim-default"] = ("sim", "train.json", [])
+
 # Screens of the pseudo targets against the default's soft ones (screen_rim.md, seed 1: the default gains
 # +0.023 near-colour there, the hard early cut +0.071 at -0.028 plain). Hard 0/1, except the confident
 # background next to the rest of the box (the rim an object partly covers), which keeps the teacher's value:
@@ -167,9 +168,27 @@ ARMS["sim-texgate-c2-0.2"] = ("sim", "train.json", ["sim.pairwise_texture_thresh
 # the pairwise cut also leaving out the pairs on opposite sides of the object's texture contrast in C2 (each
 # cell against the object's own cells and its surroundings, not against its neighbour): on the seed-1
 # default's val objects, a step >= 0.5 marks 23% of the near-colour crossing pairs and 0.3-0.5% of the pairs
-# inside a plain object (pairwise_probe_c2tex.md; the C2 gate above: 39% and 8-9%)
+# inside a plain object (pairwise_probe_c2tex.md; the C2 gate above: 39% and 8-9%). Seed 4 (screen_texsplit.md):
+# near-colour +0.042 / +0.046 at steps 0.5 / 0.3, plain -0.003 / -0.002 (the default then +0.024, +0.001); 0.3
+# over seeds 0-6 (sim_texsplit.md): near-colour +0.045 +- 0.021, plain -0.000 +- 0.004, and became the default
 ARMS["sim-texsplit0.5"] = ("sim", "train.json", ["sim.pairwise_texture_split=0.5"])
 ARMS["sim-texsplit0.3"] = ("sim", "train.json", ["sim.pairwise_texture_split=0.3"])
+
+
+
+def _cut_on(overrides: list[str]) -> bool:
+    """Whether the pairwise cut acts under these overrides (the last one that names it wins; on by default)."""
+    named = [o for o in overrides if o.startswith("sim.pairwise_pseudo_cut=")]
+    return not named or named[-1].endswith("=true")
+
+
+# the texture split (sim.pairwise_texture_split) became a default after every arm but sim-default and the
+# sim-texsplit ones was measured: those with the cut on pin it off (with the cut off it does not act, and
+# typing it is refused)
+for _name, (_method, _json, _extra) in list(ARMS.items()):
+    if (_method == "sim" and _name != "sim-default" and _cut_on(_extra)
+            and not any(o.startswith("sim.pairwise_texture_split=") for o in _extra)):
+        ARMS[_name] = (_method, _json, [*_extra, "sim.pairwise_texture_split=0"])
 
 
 def make_data(folder: Path, num_train: int, num_val: int, size: int, seed: int) -> None:
