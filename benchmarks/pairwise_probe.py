@@ -46,7 +46,6 @@ from boxmask.modeling.color import neighbour_cosine, unfold_neighbours  # noqa: 
 from boxmask.modeling.condinst import gt_masks_on_grid  # noqa: E402
 from boxmask.modeling.sim.method import erode  # noqa: E402
 from boxmask.modeling.sim.pseudo_loss import split_pairs  # noqa: E402
-from boxmask.modeling.sim.texture_map import background_ring, texture_map  # noqa: E402
 
 THRESHOLDS = (0.2, 0.4, 0.5, 0.6, 0.7)
 COUNTS = ("linked", "gt_split", "cut", "cut_right", "cut_wrong")
@@ -84,16 +83,11 @@ def rim_and_deep(gt: torch.Tensor, size: int, dilation: int, width: int = 2) -> 
     return both & ~deep, deep
 
 
-def texture_contrast(feats: torch.Tensor, pm: dict, size: int, dilation: int) -> torch.Tensor:
-    """Per object, ``1 - |d_i - d_j|`` for the neighbour pairs whose cells fall on opposite sides of the
-    object's texture contrast ``d = cos(f, p_fg) - cos(f, p_bg)`` (p_fg: the mean unit feature of its pseudo
-    foreground, p_bg: of its confident in-box background and a 4-cell ring outside the box), 1 for the others:
-    low where one cell looks like the object and the other like its surroundings. [G, K, h, w]."""
-    in_box = pm["box"] > 0
-    fg = (pm["target"] > 0) & (pm["weight"] > 0) & in_box
-    bg = ((pm["fused"] <= 0.4) & in_box) | background_ring(pm["box"], 4)
-    m_t, _ = texture_map(feats, pm["image"], fg, bg, pm["box"], 1.0)
-    d = torch.logit(m_t.clamp(1e-6, 1 - 1e-6))[:, None]  # the contrast itself (tau 1)
+def contrast_step(contrast: torch.Tensor, size: int, dilation: int) -> torch.Tensor:
+    """[G, h, w] texture contrasts (``SIM.pseudo_texture_contrast``) -> [G, K, h, w]: ``1 - |d_i - d_j|`` for
+    the neighbour pairs whose cells fall on opposite sides of it, 1 for the others, so that ``< t`` is what
+    ``texture_split`` with a step of ``1 - t`` leaves out."""
+    d = contrast[:, None]
     dq = unfold_neighbours(d, size, dilation)[:, 0]
     opposite = (d > 0) != (dq > 0)
     return torch.where(opposite, 1.0 - (d - dq).abs(), torch.ones_like(dq))
@@ -142,7 +136,8 @@ def probe_run(run: Path, data: Path, max_images: int, features: str = "mask", ed
             gt_split = split_pairs(gt, in_box.float(), size, dil).expand_as(cut) > 0
             linked = (aux["color_sim"][pm["image"]] >= lc.pairwise_color_thresh) & in_box[:, None]
             if features.endswith("tex"):
-                cos = texture_contrast(sim.low_level(aux, features[:2], (h, w)), pm, size, dil)
+                contrast, valid = sim.pseudo_texture_contrast(aux, pm, features[:2])
+                cos = torch.where(valid[:, None, None, None], contrast_step(contrast, size, dil), 1.0)
             else:
                 f = pm["teacher_feats"] if features == "mask" else sim.low_level(aux, features, (h, w))
                 z = F.normalize(f[pm["image"]], dim=1)

@@ -129,7 +129,6 @@ BEFORE_SOFT_CUT = ["sim.pairwise_pseudo_cut=false", "sim.pseudo_target=hard", "s
 ARMS = {name: (method, train_json, [*BEFORE_SOFT_CUT, *extra] if method == "sim" else extra)
         for name, (method, train_json, extra) in ARMS.items()}
 ARMS["sim-default"] = ("sim", "train.json", [])
-
 # Screens of the pseudo targets against the default's soft ones (screen_rim.md, seed 1: the default gains
 # +0.023 near-colour there, the hard early cut +0.071 at -0.028 plain). Hard 0/1, except the confident
 # background next to the rest of the box (the rim an object partly covers), which keeps the teacher's value:
@@ -167,13 +166,12 @@ ARMS["sim-texgate-c2-0.2"] = ("sim", "train.json", ["sim.pairwise_texture_thresh
 
 # the pairwise cut also leaving out the pairs on opposite sides of the object's texture contrast in C2 (each
 # cell against the object's own cells and its surroundings, not against its neighbour): on the seed-1
-# default's val objects, a step >= 0.5 marks 23% of the near-colour crossing pairs and 0.3-0.5% of the pairs
+# default's val objects, a step >= 0.5 marks 25% of the near-colour crossing pairs and 0.3-0.5% of the pairs
 # inside a plain object (pairwise_probe_c2tex.md; the C2 gate above: 39% and 8-9%). Seed 4 (screen_texsplit.md):
 # near-colour +0.042 / +0.046 at steps 0.5 / 0.3, plain -0.003 / -0.002 (the default then +0.024, +0.001); 0.3
 # over seeds 0-6 (sim_texsplit.md): near-colour +0.045 +- 0.021, plain -0.000 +- 0.004, and became the default
 ARMS["sim-texsplit0.5"] = ("sim", "train.json", ["sim.pairwise_texture_split=0.5"])
 ARMS["sim-texsplit0.3"] = ("sim", "train.json", ["sim.pairwise_texture_split=0.3"])
-
 
 
 def _cut_on(overrides: list[str]) -> bool:

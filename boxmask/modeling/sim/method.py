@@ -186,7 +186,7 @@ class SIM(nn.Module):
         feats = self.low_level(aux, "c3", hw)
         in_box = box > 0
         fg = (fused >= tau_high[:, None, None]) & in_box
-        bg = ((fused <= s.tau_low) & in_box) | background_ring(box, TEXTURE_RING)
+        bg = self._texture_background(fused, box)
         m_t, valid = texture_map(feats, g_img, fg, bg, box, s.texture_tau)
         mixed = (1.0 - s.texture_weight) * fused + s.texture_weight * m_t
         return m_t, torch.where(valid[:, None, None], mixed, fused)
@@ -363,18 +363,25 @@ class SIM(nn.Module):
         return boxinst_loss.pairwise_loss(logits, sim[aux["inst"]["image"]], box_masks, thresh, lc.pairwise_size,
                                           lc.pairwise_dilation, keep)
 
+    def _texture_background(self, fused: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """Per object, the cells the texture map and the texture split take as its surroundings: the confident
+        in-box background (fused map <= ``sim.tau_low``) and a ring outside the box."""
+        return ((fused <= self.cfg.sim.tau_low) & (box > 0)) | background_ring(box, TEXTURE_RING)
+
     @torch.no_grad()
+    def pseudo_texture_contrast(self, aux: dict, pm: dict, features: str = "c2") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per object, ``texture_contrast`` of the backbone's ``features`` (``c2``, or ``c3`` for probes) between
+        its pseudo foreground and its surroundings (``_texture_background``): [G, h, w] and [G] valid."""
+        box = pm["box"]
+        fg = (pm["target"] > 0) & (pm["weight"] > 0) & (box > 0)
+        feats = self.low_level(aux, features, box.shape[-2:])
+        return texture_contrast(feats, pm["image"], fg, self._texture_background(pm["fused"], box))
+
     def _texture_split(self, aux: dict, pm: dict) -> torch.Tensor:
         """Per object [G, K, h, w]: the neighbour pairs on opposite sides of its texture contrast in C2
-        (``sim.pairwise_texture_split``); its own cells: the pseudo foreground, its background: the confident
-        in-box background (fused map <= ``sim.tau_low``) and a ring outside the box."""
+        (``sim.pairwise_texture_split``)."""
         s, lc = self.cfg.sim, self.cfg.loss
-        box = pm["box"]
-        in_box = box > 0
-        fg = (pm["target"] > 0) & (pm["weight"] > 0) & in_box
-        bg = ((pm["fused"] <= s.tau_low) & in_box) | background_ring(box, TEXTURE_RING)
-        feats = self.low_level(aux, "c2", box.shape[-2:])
-        contrast, valid = texture_contrast(feats, pm["image"], fg, bg)
+        contrast, valid = self.pseudo_texture_contrast(aux, pm)
         return texture_split(contrast, valid, s.pairwise_texture_split, lc.pairwise_size, lc.pairwise_dilation)
 
     @staticmethod
